@@ -1,0 +1,122 @@
+"""Tables of the connector. Changing a table means adding an Alembic migration in migrations/."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from connector.db.types import BigIntId, JSONType, UTCDateTime, utcnow
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class KeyValue(Base):
+    """Small documents: connector settings, generated secrets, credential status."""
+
+    __tablename__ = "key_values"
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[Any] = mapped_column(JSONType)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class User(Base):
+    """A platform user as last received, and its sync state with Customer.io."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    external_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    email: Mapped[str | None] = mapped_column(String(320), index=True)
+    anonymous_ids: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    account: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    segments: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    indexed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    data_hash: Mapped[str | None] = mapped_column(String(64))
+    via_batch: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    # Work queue: a changed user is pending until a sync pass has dealt with it.
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    pending: Mapped[bool] = mapped_column(Boolean, default=False)
+    pending_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_by: Mapped[str | None] = mapped_column(String(100))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    full_sync: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    # Outcome of the last pass, and what Customer.io holds.
+    sync_status: Mapped[str] = mapped_column(String(20), default="new")
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    attribute_errors: Mapped[dict[str, str]] = mapped_column(JSONType, default=dict)
+    cio_id: Mapped[str | None] = mapped_column(String(255))
+    cio_created_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cio_synced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cio_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cio_hash: Mapped[str | None] = mapped_column(String(64))
+    sent_attributes: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (Index("ix_users_pending_next", "pending", "next_attempt_at"),)
+
+
+class UserEvent(Base):
+    """An event the platform sent for a user, and what became of it on the way out."""
+
+    __tablename__ = "user_events"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str] = mapped_column(String(255))
+    properties: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    context: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    occurred_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    reason: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("user_id", "event_id", name="uq_user_events_user_event"),
+        Index("ix_user_events_user_status", "user_id", "status"),
+    )
+
+
+class SyncRun(Base):
+    """One outbound pass of one instance, with its counts."""
+
+    __tablename__ = "sync_runs"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    instance: Mapped[str] = mapped_column(String(100))
+    trigger: Mapped[str] = mapped_column(String(20))
+    full: Mapped[bool] = mapped_column(Boolean, default=False)
+    dry_run: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    users_sent: Mapped[int] = mapped_column(Integer, default=0)
+    users_skipped: Mapped[int] = mapped_column(Integer, default=0)
+    users_deleted: Mapped[int] = mapped_column(Integer, default=0)
+    users_failed: Mapped[int] = mapped_column(Integer, default=0)
+    users_retrying: Mapped[int] = mapped_column(Integer, default=0)
+    events_sent: Mapped[int] = mapped_column(Integer, default=0)
+    api_calls: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
