@@ -56,6 +56,8 @@ class CustomerioConfig:
 
 @dataclass(frozen=True)
 class SyncConfig:
+    scheduled: bool = True
+    """Run the outbound sync inside ``serve`` (on the schedule and when notified)."""
     interval_seconds: float = 30
     rate_limit_per_second: float = 100
     concurrency: int = 8
@@ -131,6 +133,7 @@ class CustomerioSchema(_SectionSchema):
 
 class SyncSchema(_SectionSchema):
     dataclass = SyncConfig
+    scheduled = fields.Boolean()
     interval_seconds = fields.Float(validate=validate.Range(min=0.05))
     rate_limit_per_second = fields.Float(validate=validate.Range(min=0.1))
     concurrency = fields.Integer(validate=validate.Range(min=1, max=256))

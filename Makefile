@@ -1,0 +1,45 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+
+.PHONY: run test lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(STAMP)
+
+settings.toml: | $(STAMP)
+	$(BIN)/connector init
+
+run: $(STAMP) settings.toml
+	$(BIN)/connector migrate
+	$(BIN)/connector serve
+
+test: $(TEST_STAMP)
+	$(BIN)/ruff check connector tests bench migrations
+	$(BIN)/ruff format --check connector tests bench migrations
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check connector tests bench migrations
+
+format: $(TEST_STAMP)
+	$(BIN)/ruff format connector tests bench migrations
+	$(BIN)/ruff check --fix connector tests bench migrations
+
+bench: $(TEST_STAMP)
+	$(BIN)/python bench/outbound.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

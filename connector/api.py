@@ -1,0 +1,150 @@
+"""The admin API: connector settings, users and their sync state, starting a sync."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from marshmallow import ValidationError
+from sqlalchemy import select
+
+from connector.appkeys import (
+    credentials_key,
+    scheduler_key,
+    sessionmaker_key,
+    settings_key,
+    sync_key,
+)
+from connector.auth import require_admin
+from connector.db.models import User, UserEvent
+from connector.responses import json_error, json_response, read_json
+
+# Changing any of these changes what users should look like in Customer.io.
+MAPPING_KEYS = frozenset(
+    {
+        "synchronized_segments",
+        "synchronized_attributes",
+        "user_id_mapping",
+        "events_filter",
+        "anonymous_events",
+        "enable_user_deletion",
+    }
+)
+CREDENTIAL_KEYS = frozenset({"site_id", "api_key", "region"})
+RECENT_EVENTS = 50
+MAX_USERS_LISTED = 100
+
+
+@require_admin
+async def get_settings(request: web.Request) -> web.Response:
+    settings = await request.app[settings_key].load()
+    return json_response(settings.masked())
+
+
+@require_admin
+async def patch_settings(request: web.Request) -> web.Response:
+    patch = await read_json(request)
+    store = request.app[settings_key]
+    before = await store.load()
+    try:
+        after = await store.update(patch)
+    except ValidationError as exc:
+        return json_response({"errors": exc.messages}, status=400)
+    changed = {key for key, value in after.to_dict().items() if before.to_dict()[key] != value}
+    if changed & CREDENTIAL_KEYS:
+        await request.app[credentials_key].record("unknown", "credentials changed")
+    if changed & MAPPING_KEYS:
+        await request.app[sync_key].repository.mark_all_pending(full=False)
+    if changed & (MAPPING_KEYS | CREDENTIAL_KEYS):
+        request.app[scheduler_key].trigger_sync()
+    return json_response(after.masked())
+
+
+@require_admin
+async def start_sync(request: web.Request) -> web.Response:
+    if request.query.get("wait", "").lower() in ("1", "true", "yes"):
+        full = request.query.get("full", "").lower() in ("1", "true", "yes")
+        summary = await request.app[sync_key].run_once("api", full=full)
+        return json_response(summary.as_dict())
+    request.app[scheduler_key].trigger_sync()
+    return json_response({"started": True}, status=202)
+
+
+def _event_json(event: UserEvent) -> dict[str, Any]:
+    return {
+        "event_id": event.event_id,
+        "name": event.name,
+        "occurred_at": event.occurred_at,
+        "status": event.status,
+        "reason": event.reason,
+        "sent_at": event.sent_at,
+    }
+
+
+def user_json(user: User) -> dict[str, Any]:
+    return {
+        "id": user.id,
+        "external_id": user.external_id,
+        "email": user.email,
+        "anonymous_ids": user.anonymous_ids,
+        "segments": user.segments,
+        "attributes": user.attributes,
+        "account": user.account,
+        "sync": {
+            "status": user.sync_status,
+            "pending": user.pending,
+            "attempts": user.attempts,
+            "next_attempt_at": user.next_attempt_at if user.pending else None,
+            "skip_reason": user.skip_reason,
+            "attribute_errors": user.attribute_errors,
+        },
+        "customerio": {
+            "id": user.cio_id,
+            "created_at": user.cio_created_at,
+            "synced_at": user.cio_synced_at,
+            "deleted_at": user.cio_deleted_at,
+            "hash": user.cio_hash,
+            "last_error": user.last_error,
+        },
+        "updated_at": user.updated_at,
+    }
+
+
+@require_admin
+async def get_user(request: web.Request) -> web.Response:
+    user_id = request.match_info["user_id"]
+    async with request.app[sessionmaker_key]() as session:
+        user = await session.get(User, user_id)
+        if user is None:
+            return json_error(404, f"no user {user_id!r}")
+        events = await session.scalars(
+            select(UserEvent)
+            .where(UserEvent.user_id == user_id)
+            .order_by(UserEvent.received_at.desc(), UserEvent.id.desc())
+            .limit(RECENT_EVENTS)
+        )
+        data = user_json(user)
+        data["events"] = [_event_json(event) for event in events]
+    return json_response(data)
+
+
+@require_admin
+async def find_users(request: web.Request) -> web.Response:
+    query = select(User).order_by(User.id).limit(MAX_USERS_LISTED)
+    if email := request.query.get("email"):
+        query = query.where(User.email == email)
+    if external_id := request.query.get("external_id"):
+        query = query.where(User.external_id == external_id)
+    if status := request.query.get("status"):
+        query = query.where(User.sync_status == status)
+    async with request.app[sessionmaker_key]() as session:
+        users = (await session.scalars(query)).all()
+    return json_response({"users": [user_json(user) for user in users]})
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/api/settings", get_settings)
+    app.router.add_patch("/api/settings", patch_settings)
+    app.router.add_post("/api/sync", start_sync)
+    app.router.add_get("/api/users", find_users)
+    app.router.add_get("/api/users/{user_id}", get_user)

@@ -1,0 +1,86 @@
+"""The web application: ``create_app(config)`` wires the database, the sync and the scheduler."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from connector import api, health
+from connector.appkeys import (
+    config_key,
+    credentials_key,
+    engine_key,
+    kv_key,
+    metrics_key,
+    scheduler_key,
+    secrets_key,
+    sessionmaker_key,
+    settings_key,
+    sync_key,
+)
+from connector.config import Config
+from connector.metrics import Metrics
+from connector.notifications import http as notifications_http
+from connector.outbound.service import SenderFactory
+from connector.responses import json_error
+from connector.runtime import open_runtime
+from connector.scheduler import Scheduler
+
+log = logging.getLogger("connector.app")
+
+# Platform notifications carry up to a few thousand users; Hull's own limit is 10 MiB.
+MAX_NOTIFICATION_BYTES = 10 * 1024 * 1024
+
+
+def _runtime_context(config: Config, sender_factory: SenderFactory | None):
+    async def runtime(app: web.Application) -> AsyncIterator[None]:
+        async with open_runtime(
+            config, metrics=app[metrics_key], sender_factory=sender_factory
+        ) as rt:
+            app[engine_key] = rt.engine
+            app[sessionmaker_key] = rt.sessionmaker
+            app[kv_key] = rt.kv
+            app[settings_key] = rt.settings
+            app[credentials_key] = rt.credentials
+            app[secrets_key] = rt.secrets
+            app[sync_key] = rt.sync
+            yield
+
+    return runtime
+
+
+async def _scheduler_context(app: web.Application) -> AsyncIterator[None]:
+    scheduler = Scheduler(app[sync_key], app[config_key].sync)
+    app[scheduler_key] = scheduler
+    scheduler.start()
+    yield
+    await scheduler.shutdown()
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    """Every error is JSON ``{"error": ...}``; an unexpected one is logged and answered 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json" or exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason)
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path})
+        return json_error(500, "internal error")
+
+
+def create_app(config: Config, *, sender_factory: SenderFactory | None = None) -> web.Application:
+    """The service; ``sender_factory`` replaces how Track API calls are made (dry runs)."""
+    app = web.Application(middlewares=[json_errors], client_max_size=MAX_NOTIFICATION_BYTES)
+    app[config_key] = config
+    app[metrics_key] = Metrics()
+    app.cleanup_ctx.append(_runtime_context(config, sender_factory))
+    app.cleanup_ctx.append(_scheduler_context)
+    health.setup_routes(app)
+    notifications_http.setup_routes(app)
+    api.setup_routes(app)
+    return app

@@ -1,0 +1,26 @@
+"""Every object the web app shares, reached through a typed key (no module-level singletons)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from connector.config import Config
+from connector.db.kv import KeyValueStore
+from connector.metrics import Metrics
+from connector.outbound.service import SyncService
+from connector.scheduler import Scheduler
+from connector.secrets import ServiceSecrets
+from connector.settings_store import SettingsStore
+from connector.status import CredentialStatusStore
+
+config_key = web.AppKey("config", Config)
+engine_key = web.AppKey("engine", AsyncEngine)
+sessionmaker_key = web.AppKey("sessionmaker", async_sessionmaker)
+kv_key = web.AppKey("kv", KeyValueStore)
+settings_key = web.AppKey("settings", SettingsStore)
+credentials_key = web.AppKey("credentials", CredentialStatusStore)
+secrets_key = web.AppKey("secrets", ServiceSecrets)
+metrics_key = web.AppKey("metrics", Metrics)
+sync_key = web.AppKey("sync", SyncService)
+scheduler_key = web.AppKey("scheduler", Scheduler)

@@ -1,0 +1,262 @@
+"""``connector``: serve, migrate, sync by hand, import users, and write a first settings file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+from aiohttp import web
+from tqdm import tqdm
+
+from connector.config import Config, ConfigError, config_path, load_config
+from connector.db import migrate as db_migrate
+from connector.logs import setup_logging
+from connector.notifications.parse import InvalidNotification, parse_notification
+from connector.notifications.store import store_messages
+from connector.outbound.operations import DeleteCustomer, Identify, Operation, UserPlan
+from connector.outbound.sender import DryRunSender
+from connector.runtime import DatabaseNotMigrated, Runtime, open_runtime
+
+EXIT_CONFIG = 2
+EXIT_CREDENTIALS = 3
+IMPORT_BATCH = 500
+EXAMPLE_SETTINGS = Path(__file__).resolve().parent.parent / "settings.example.toml"
+
+
+def _load(ctx: click.Context) -> Config:
+    try:
+        return load_config(ctx.obj["config_path"])
+    except ConfigError as exc:
+        click.echo("Invalid configuration:", err=True)
+        for line in exc.errors:
+            click.echo(f"  {line}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def _run(coroutine: Any) -> Any:
+    try:
+        return asyncio.run(coroutine)
+    except DatabaseNotMigrated as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+@click.group()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Settings TOML (default: $CONNECTOR_CONFIG or ./settings.toml).",
+)
+@click.pass_context
+def main(ctx: click.Context, config_file: str | None) -> None:
+    """Customer.io connector: platform users and events out, Customer.io webhooks in."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_file
+
+
+@main.command()
+@click.option("--from", "example", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.pass_context
+def init(ctx: click.Context, example: str | None) -> None:
+    """Write a settings file from settings.example.toml with a generated admin password."""
+    target = config_path(ctx.obj["config_path"], os.environ)
+    if target.exists():
+        click.echo(f"{target} exists; leaving it as it is.")
+        return
+    text = Path(example or EXAMPLE_SETTINGS).read_text(encoding="utf-8")
+    password = secrets.token_urlsafe(12)
+    text = text.replace('admin_password = ""', f'admin_password = "{password}"', 1)
+    target.write_text(text, encoding="utf-8")
+    click.echo(f"Wrote {target}. Admin password (user 'admin'): {password}")
+
+
+@main.command()
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Run the service: HTTP API, webhook receiver and scheduled sync."""
+    from connector.app import create_app
+
+    config = _load(ctx)
+    setup_logging()
+    url = f"http://{config.server.host}:{config.server.port}"
+    click.echo(f"Connector listening on {url} (status: {url}/status, admin API: {url}/api/)")
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.server.host,
+            port=config.server.port,
+            print=None,
+            access_log=None,
+        )
+    except DatabaseNotMigrated as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.pass_context
+def migrate(ctx: click.Context) -> None:
+    """Create or upgrade the database tables."""
+    config = _load(ctx)
+    _run(db_migrate.upgrade(config.database.url))
+    click.echo(f"Database migrated to revision {db_migrate.head_revision()}.")
+
+
+def _describe(operation: Operation) -> str:
+    if isinstance(operation, Identify):
+        names = ", ".join(sorted(operation.attributes))
+        return f"identify {operation.customer_id}: {len(operation.attributes)} attributes ({names})"
+    if isinstance(operation, DeleteCustomer):
+        return f"delete {operation.customer_id}"
+    who = operation.customer_id or f"anonymous {operation.anonymous_id}"
+    kind = "page view" if operation.page else "event"
+    return f"{kind} {operation.name!r} for {who} (id {operation.id})"
+
+
+def _print_plan(plan: UserPlan) -> None:
+    header = f"user {plan.user_id}: {plan.action.value}"
+    if plan.skip_reason:
+        header += f" ({plan.skip_reason})"
+    click.echo(header)
+    for operation in plan.operations:
+        click.echo(f"  {_describe(operation)}")
+    for name, reason in plan.attribute_errors.items():
+        click.echo(f"  attribute {name} left out: {reason}")
+    for event_id, reason in plan.skipped_events.items():
+        click.echo(f"  event {event_id} skipped: {reason}")
+
+
+async def _sync_once(config: Config, full: bool) -> int:
+    async with open_runtime(config) as runtime:
+        bar = tqdm(total=0, unit="user", desc="sync", file=sys.stderr, disable=None)
+
+        def on_start(total: int) -> None:
+            bar.total = total
+            bar.refresh()
+
+        summary = await runtime.sync.run_once(
+            "cli", full=full, progress=lambda *_: bar.update(1), on_start=on_start
+        )
+        bar.close()
+    click.echo(
+        f"sent {summary.sent}, skipped {summary.skipped}, deleted {summary.deleted}, "
+        f"failed {summary.failed}, retrying later {summary.retrying}; "
+        f"{summary.events_sent} events, {summary.api_calls} API calls"
+    )
+    for reason, count in sorted(summary.skip_reasons.items()):
+        click.echo(f"  skipped {count}: {reason}")
+    if summary.error:
+        click.echo(f"error: {summary.error}", err=True)
+        return EXIT_CREDENTIALS
+    return 0
+
+
+async def _sync_forever(config: Config) -> None:
+    async with open_runtime(config) as runtime:
+        while True:
+            summary = await runtime.sync.run_once("cli")
+            click.echo(json.dumps(summary.as_dict()))
+            await asyncio.sleep(config.sync.interval_seconds)
+
+
+async def _dry_run(config: Config) -> None:
+    async with open_runtime(config, sender_factory=lambda _settings: DryRunSender()) as runtime:
+        plans = await runtime.sync.plan_pending()
+    for plan in plans:
+        _print_plan(plan)
+    calls = sum(len(plan.operations) for plan in plans)
+    click.echo(f"{len(plans)} pending users, {calls} planned calls; nothing was sent.")
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Run one pass to the end, then exit.")
+@click.option("--full", is_flag=True, help="Send every attribute again, not only changes.")
+@click.option("--dry-run", is_flag=True, help="Print the planned calls without sending.")
+@click.pass_context
+def sync(ctx: click.Context, once: bool, full: bool, dry_run: bool) -> None:
+    """Send pending users and events to Customer.io."""
+    config = _load(ctx)
+    if dry_run:
+        _run(_dry_run(config))
+        return
+    if once or full:
+        sys.exit(_run(_sync_once(config, full)))
+    setup_logging()
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(_sync_forever(config))
+
+
+def _batches(lines: Iterator[tuple[int, str]]) -> Iterator[list[tuple[int, Any]]]:
+    batch: list[tuple[int, Any]] = []
+    for number, line in lines:
+        if not line.strip():
+            continue
+        batch.append((number, line))
+        if len(batch) >= IMPORT_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+async def _import(runtime: Runtime, path: Path) -> tuple[int, list[str]]:
+    stored = 0
+    errors: list[str] = []
+    size = path.stat().st_size
+    with (
+        path.open(encoding="utf-8") as handle,
+        tqdm(
+            total=size, unit="B", unit_scale=True, desc="import", file=sys.stderr, disable=None
+        ) as bar,
+    ):
+        for batch in _batches(enumerate(handle, start=1)):
+            messages: list[Any] = []
+            numbers: list[int] = []
+            for number, line in batch:
+                bar.update(len(line.encode()))
+                try:
+                    messages.append(json.loads(line))
+                    numbers.append(number)
+                except json.JSONDecodeError as exc:
+                    errors.append(f"line {number}: malformed JSON: {exc}")
+            try:
+                parsed = parse_notification({"messages": messages})
+            except InvalidNotification as exc:  # pragma: no cover - the body is built here
+                raise click.ClickException(str(exc)) from exc
+            for rejection in parsed.rejected:
+                errors.append(f"line {numbers[rejection['index']]}: {rejection['error']}")
+            result = await store_messages(runtime.sessionmaker, parsed.messages, via_batch=True)
+            stored += result.accepted
+    return stored, errors
+
+
+@main.command(name="import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_context
+def import_users(ctx: click.Context, file: Path) -> None:
+    """Backfill users from a JSON-lines file of notification messages (sent like /batch)."""
+    config = _load(ctx)
+
+    async def go() -> tuple[int, list[str]]:
+        async with open_runtime(config) as runtime:
+            return await _import(runtime, file)
+
+    stored, errors = _run(go())
+    for line in errors:
+        click.echo(line, err=True)
+    click.echo(
+        f"{stored} users stored and marked pending, {len(errors)} lines rejected. "
+        "The running service sends them on its next pass (or run `connector sync --once`)."
+    )
+    if errors:
+        sys.exit(1)

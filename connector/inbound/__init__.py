@@ -1,0 +1,1 @@
+"""Customer.io reporting webhooks in: signature check, payload mapping, processing."""

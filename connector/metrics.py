@@ -1,0 +1,51 @@
+"""Prometheus metrics of one service instance, on a registry of its own (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.users = Counter(
+            "connector_outbound_users",
+            "Users handled by the outbound sync, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.events_sent = Counter(
+            "connector_outbound_events_sent",
+            "Events and page views sent to Customer.io",
+            registry=self.registry,
+        )
+        self.api_calls = Counter(
+            "connector_customerio_api_calls",
+            "Track API calls, by operation and HTTP status (0 when no answer came)",
+            ["operation", "status"],
+            registry=self.registry,
+        )
+        self.notifications = Counter(
+            "connector_notifications",
+            "Platform notifications received, by route and outcome",
+            ["route", "outcome"],
+            registry=self.registry,
+        )
+        self.webhooks = Counter(
+            "connector_webhooks",
+            "Customer.io webhooks received, by outcome and event name",
+            ["outcome", "event"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "connector_queue_depth",
+            "Work waiting in the database, by queue",
+            ["queue"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

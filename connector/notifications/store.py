@@ -1,0 +1,163 @@
+"""Writes parsed platform messages to the database and marks changed users pending."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from connector.db.models import User, UserEvent
+from connector.db.types import utcnow
+from connector.notifications.parse import UserMessage
+
+# Two instances creating the same new user at once: the loser's transaction is replayed.
+_MAX_TRANSACTION_TRIES = 3
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    accepted: int
+    changed: int
+    """Users marked pending by this call."""
+    new_events: int
+
+
+def _insert(session: AsyncSession) -> Any:
+    return pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+
+
+def _new_user_id(message: UserMessage) -> str:
+    if message.key:
+        return message.key
+    if message.external_id:
+        return f"external_id:{message.external_id}"
+    return f"email:{message.email}"
+
+
+async def _find_users(session: AsyncSession, messages: list[UserMessage]) -> dict[int, User]:
+    """Existing user of each message (by position), locked for the rest of the transaction."""
+    keys = [m.key for m in messages if m.key]
+    external_ids = [m.external_id for m in messages if not m.key and m.external_id]
+    emails = [m.email for m in messages if not m.key and not m.external_id and m.email]
+    conditions = []
+    if keys:
+        conditions.append(User.id.in_(keys))
+    if external_ids:
+        conditions.append(User.external_id.in_(external_ids))
+    if emails:
+        conditions.append(User.email.in_(emails))
+    if not conditions:
+        return {}
+    rows = (await session.scalars(select(User).where(or_(*conditions)).with_for_update())).all()
+    by_id = {user.id: user for user in rows}
+    by_external = {user.external_id: user for user in rows if user.external_id}
+    by_email = {user.email: user for user in rows if user.email}
+    found: dict[int, User] = {}
+    for position, message in enumerate(messages):
+        if message.key:
+            user = by_id.get(message.key)
+        elif message.external_id:
+            user = by_external.get(message.external_id)
+        else:
+            user = by_email.get(message.email)
+        if user is not None:
+            found[position] = user
+    return found
+
+
+def _apply(user: User, message: UserMessage, data_hash: str) -> None:
+    user.external_id = message.external_id
+    user.email = message.email
+    user.anonymous_ids = message.anonymous_ids
+    user.attributes = message.attributes
+    user.account = message.account
+    user.segments = message.segments
+    user.indexed_at = message.indexed_at
+    user.data_hash = data_hash
+
+
+def _mark_pending(user: User, now: datetime, via_batch: bool) -> None:
+    user.version = (user.version or 0) + 1
+    if via_batch:
+        user.via_batch = True
+    if not user.pending:
+        user.pending = True
+        user.pending_since = now
+        user.attempts = 0
+        user.next_attempt_at = now
+        user.sync_status = "pending"
+
+
+async def _insert_events(session: AsyncSession, user_id: str, message: UserMessage) -> int:
+    if not message.events:
+        return 0
+    now = utcnow()
+    rows = [
+        {
+            "user_id": user_id,
+            "event_id": event.event_id,
+            "name": event.name,
+            "properties": event.properties,
+            "context": event.context,
+            "occurred_at": event.occurred_at,
+            "status": "pending",
+            "received_at": now,
+        }
+        for event in message.events
+    ]
+    statement = (
+        _insert(session)(UserEvent)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["user_id", "event_id"])
+        .returning(UserEvent.id)
+    )
+    return len((await session.execute(statement)).all())
+
+
+async def _store_once(
+    sessionmaker: async_sessionmaker, messages: list[UserMessage], via_batch: bool
+) -> StoreResult:
+    changed = new_events = 0
+    async with sessionmaker() as session, session.begin():
+        existing = await _find_users(session, messages)
+        now = utcnow()
+        for position, message in enumerate(messages):
+            data_hash = message.data_hash()
+            user = existing.get(position)
+            if user is None:
+                user = User(id=_new_user_id(message), version=0, pending=False, attempts=0)
+                session.add(user)
+                _apply(user, message, data_hash)
+                await session.flush()
+                is_changed = True
+            else:
+                is_changed = user.data_hash != data_hash
+                if is_changed:
+                    _apply(user, message, data_hash)
+            inserted = await _insert_events(session, user.id, message)
+            new_events += inserted
+            if is_changed or inserted or via_batch:
+                _mark_pending(user, now, via_batch)
+                changed += 1
+    return StoreResult(accepted=len(messages), changed=changed, new_events=new_events)
+
+
+async def store_messages(
+    sessionmaker: async_sessionmaker, messages: list[UserMessage], *, via_batch: bool
+) -> StoreResult:
+    """Store users and their events in one transaction; committed when this returns."""
+    if not messages:
+        return StoreResult(accepted=0, changed=0, new_events=0)
+    for attempt in range(1, _MAX_TRANSACTION_TRIES + 1):
+        try:
+            return await _store_once(sessionmaker, messages, via_batch)
+        except IntegrityError:
+            if attempt == _MAX_TRANSACTION_TRIES:
+                raise
+    raise AssertionError("unreachable")

@@ -1,0 +1,192 @@
+"""What one pending user needs this pass: delete, skip, anonymous events, or identify and events.
+
+Pure: a :class:`UserSnapshot` and the settings in, a :class:`UserPlan` out (SPEC §5 steps
+2 to 7). Missing credentials (step 1) are the caller's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from connector.outbound import mapping
+from connector.outbound.operations import (
+    DeleteCustomer,
+    EventSnapshot,
+    Identify,
+    PlanAction,
+    Track,
+    UserPlan,
+    UserSnapshot,
+)
+from connector.settings import ConnectorSettings
+
+NOT_IN_SEGMENTS = "not in any whitelisted segment"
+ALREADY_DELETED = "already deleted from Customer.io"
+USER_DELETED = "user deleted from Customer.io"
+NO_CHANGES = "no changes"
+FROM_CUSTOMERIO = "came from Customer.io"
+NOT_IN_EVENTS_FILTER = "not in events_filter"
+PAGE_WITHOUT_URL = "page view without a url (properties.url or context.page_url)"
+
+
+def is_deleted(user: UserSnapshot) -> bool:
+    """Whether Customer.io deleted the customer after (or when) it was last created there."""
+    deleted, created = user.cio_deleted_at, user.cio_created_at
+    if deleted is None:
+        return False
+    return created is None or mapping.as_utc(deleted) >= mapping.as_utc(created)
+
+
+def in_segments(user: UserSnapshot, settings: ConnectorSettings) -> bool:
+    """Whether the user is to be synced: in a whitelisted segment, or sent through ``/batch``."""
+    segment_ids = {str(segment.get("id")) for segment in user.segments}
+    return user.via_batch or bool(segment_ids & set(settings.synchronized_segments))
+
+
+def _skip_all(events: Iterable[EventSnapshot], reason: str) -> dict[str, str]:
+    return {event.event_id: reason for event in events}
+
+
+def _skip(user: UserSnapshot, reason: str) -> UserPlan:
+    return UserPlan(
+        user_id=user.id,
+        action=PlanAction.SKIP,
+        skip_reason=reason,
+        skipped_events=_skip_all(user.events, reason),
+    )
+
+
+def plan_events(
+    user: UserSnapshot,
+    settings: ConnectorSettings,
+    *,
+    customer_id: str | None = None,
+    anonymous_id: str | None = None,
+) -> tuple[list[Track], dict[str, str]]:
+    """The user's pending events to send, in order, and those not sent ``{event_id: reason}``.
+
+    Events from Customer.io are never sent back; only names in ``events_filter`` go out; an
+    event named ``page`` is a page view (skipped without a url); events over Customer.io's
+    size limits are skipped.
+    """
+    tracks: list[Track] = []
+    skipped: dict[str, str] = {}
+    for event in user.events:
+        page = event.name == "page"
+        if mapping.is_from_customerio(event):
+            skipped[event.event_id] = FROM_CUSTOMERIO
+            continue
+        if event.name not in settings.events_filter:
+            skipped[event.event_id] = NOT_IN_EVENTS_FILTER
+            continue
+        name, data = mapping.page_view(event) if page else (event.name, dict(event.properties))
+        if name is None:
+            skipped[event.event_id] = PAGE_WITHOUT_URL
+            continue
+        error = mapping.event_error(name, data, page=page)
+        if error:
+            skipped[event.event_id] = error
+            continue
+        tracks.append(
+            Track(
+                name=name,
+                data=data,
+                timestamp=mapping.event_timestamp(event.occurred_at),
+                id=mapping.event_ulid(event.event_id, event.occurred_at),
+                source_event_id=event.event_id,
+                customer_id=customer_id,
+                anonymous_id=anonymous_id,
+                page=page,
+            )
+        )
+    return tracks, skipped
+
+
+def _delete_target(user: UserSnapshot, settings: ConnectorSettings, cid: str | None) -> str | None:
+    if not settings.enable_user_deletion or user.cio_created_at is None or is_deleted(user):
+        return None
+    target = user.cio_id or cid
+    if target is None or mapping.customer_id_error(target):
+        return None
+    return target
+
+
+def _plan_anonymous(user: UserSnapshot, settings: ConnectorSettings, otherwise: str) -> UserPlan:
+    tracks, skipped = plan_events(user, settings, anonymous_id=user.anonymous_ids[-1])
+    if not tracks:
+        return UserPlan(
+            user_id=user.id, action=PlanAction.SKIP, skip_reason=otherwise, skipped_events=skipped
+        )
+    return UserPlan(
+        user_id=user.id,
+        action=PlanAction.ANONYMOUS,
+        operations=tuple(tracks),
+        skipped_events=skipped,
+    )
+
+
+def plan_user(user: UserSnapshot, settings: ConnectorSettings) -> UserPlan:
+    """Plan one user's operations (SPEC §5, steps 2 to 7), in the order they must run.
+
+    - Not in a whitelisted segment (nor via ``/batch``): DELETE when deletion is on and the
+      customer exists in Customer.io; else, with ``anonymous_events`` on and no customer id,
+      its whitelisted events go out anonymously; else SKIP. Pending events are not sent.
+    - No customer id: ANONYMOUS events as above when possible, else SKIP.
+    - A customer id over Customer.io's limit: SKIP.
+    - Otherwise SEND: identify calls with every attribute (first time, ``full``, or after a
+      deletion) or only the changed ones, chunked at ``max_attributes_per_call``, then the
+      events. Nothing to identify and no events: SKIP with ``no changes``.
+    """
+    cid = mapping.customer_id(user, settings.user_id_mapping)
+    anonymous = cid is None and settings.anonymous_events and bool(user.anonymous_ids)
+
+    if not in_segments(user, settings):
+        target = _delete_target(user, settings, cid)
+        if target is not None:
+            return UserPlan(
+                user_id=user.id,
+                action=PlanAction.DELETE,
+                customer_id=target,
+                operations=(DeleteCustomer(target),),
+                skipped_events=_skip_all(user.events, USER_DELETED),
+            )
+        deleted = settings.enable_user_deletion and is_deleted(user)
+        reason = ALREADY_DELETED if deleted else NOT_IN_SEGMENTS
+        return _plan_anonymous(user, settings, reason) if anonymous else _skip(user, reason)
+
+    if cid is None:
+        reason = f"no customer id: user has no '{settings.user_id_mapping}'"
+        return _plan_anonymous(user, settings, reason) if anonymous else _skip(user, reason)
+
+    id_error = mapping.customer_id_error(cid)
+    if id_error:
+        return _skip(user, id_error)
+
+    attributes, errors = mapping.build_attributes(user, settings)
+    if user.full or not user.sent_attributes or is_deleted(user):
+        to_identify = attributes
+    else:
+        to_identify = mapping.changed_attributes(attributes, user.sent_attributes)
+    size = min(settings.max_attributes_per_call, mapping.MAX_ATTRIBUTES_PER_CALL)
+    identifies = [Identify(cid, chunk) for chunk in mapping.chunk_attributes(to_identify, size)]
+    tracks, skipped = plan_events(user, settings, customer_id=cid)
+
+    if not identifies and not tracks:
+        return UserPlan(
+            user_id=user.id,
+            action=PlanAction.SKIP,
+            customer_id=cid,
+            skip_reason=NO_CHANGES,
+            attributes=attributes,
+            attribute_errors=errors,
+            skipped_events=skipped,
+        )
+    return UserPlan(
+        user_id=user.id,
+        action=PlanAction.SEND,
+        customer_id=cid,
+        operations=(*identifies, *tracks),
+        attributes=attributes,
+        attribute_errors=errors,
+        skipped_events=skipped,
+    )

@@ -1,0 +1,284 @@
+"""The outbound work queue in the database: claiming pending users, and writing results back.
+
+Claims are conditional updates, with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several
+instances sharing one database split the pending users between them and none sends a user
+another instance is sending. A claim is a lease: an instance that dies mid-pass lets its
+users go when the lease runs out.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from connector.db.models import SyncRun, User, UserEvent
+from connector.db.types import utcnow
+from connector.outbound.operations import EventSnapshot, UserSnapshot
+
+
+@dataclass
+class ClaimedUser:
+    snapshot: UserSnapshot
+    version: int
+    attempts: int
+
+
+@dataclass
+class UserOutcome:
+    """What one pass did for one user; :meth:`OutboundRepository.finish` stores it."""
+
+    status: str
+    """``synced``, ``anonymous``, ``skipped``, ``deleted``, ``failed``, ``retry``, ``released``."""
+    customer_id: str | None = None
+    reason: str | None = None
+    attribute_errors: dict[str, str] = field(default_factory=dict)
+    sent_attributes: dict[str, Any] = field(default_factory=dict)
+    """Attributes Customer.io confirmed in this pass."""
+    full_hash: str | None = None
+    """Set when every identify call of the pass succeeded."""
+    identified: bool = False
+    deleted: bool = False
+    event_results: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    """Platform ``event_id`` → (``sent``/``skipped``/``failed``, reason)."""
+    api_calls: int = 0
+
+
+def _claimable(now: datetime, due_by: datetime | None = None) -> Any:
+    return and_(
+        User.pending.is_(True),
+        or_(User.next_attempt_at.is_(None), User.next_attempt_at <= (due_by or now)),
+        or_(User.claimed_until.is_(None), User.claimed_until < now),
+    )
+
+
+class OutboundRepository:
+    def __init__(self, sessionmaker: async_sessionmaker, instance_id: str, lease_seconds: float):
+        self._sessionmaker = sessionmaker
+        self.instance_id = instance_id
+        self._lease = timedelta(seconds=lease_seconds)
+
+    async def count_claimable(self) -> int:
+        async with self._sessionmaker() as session:
+            return await session.scalar(select(func.count()).where(_claimable(utcnow()))) or 0
+
+    async def mark_all_pending(self, *, full: bool) -> int:
+        """Every known user is looked at again: after a mapping change, or ``sync --full``
+        (``full``: every attribute is sent again, not only what changed)."""
+        now = utcnow()
+        async with self._sessionmaker() as session, session.begin():
+            result = await session.execute(
+                update(User).values(
+                    full_sync=True if full else User.full_sync,
+                    pending=True,
+                    version=User.version + 1,
+                    pending_since=func.coalesce(User.pending_since, now),
+                    next_attempt_at=now,
+                    attempts=0,
+                )
+            )
+            return result.rowcount or 0
+
+    async def claim(self, limit: int, due_by: datetime | None = None) -> list[ClaimedUser]:
+        """Lease up to ``limit`` pending users due by ``due_by`` (default: now) and load them.
+
+        A pass claims what was due when it started, so a user it sets back for a retry, or
+        one that changes meanwhile, waits for the next pass.
+        """
+        now = utcnow()
+        async with self._sessionmaker() as session, session.begin():
+            due = (
+                select(User.id)
+                .where(_claimable(now, due_by))
+                .order_by(User.pending_since, User.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            claimed = await session.execute(
+                update(User)
+                .where(User.id.in_(due.scalar_subquery()), _claimable(now, due_by))
+                .values(claimed_by=self.instance_id, claimed_until=now + self._lease)
+                .returning(User.id)
+                .execution_options(synchronize_session=False)
+            )
+            ids = [row[0] for row in claimed]
+            if not ids:
+                return []
+            return await self._load(session, ids)
+
+    async def peek(self, limit: int, offset: int = 0) -> list[ClaimedUser]:
+        """Pending users as a pass would see them, without claiming anything (dry runs)."""
+        async with self._sessionmaker() as session:
+            ids = list(
+                await session.scalars(
+                    select(User.id)
+                    .where(User.pending.is_(True))
+                    .order_by(User.pending_since, User.id)
+                    .limit(limit)
+                    .offset(offset)
+                )
+            )
+            return await self._load(session, ids) if ids else []
+
+    async def _load(self, session: AsyncSession, ids: list[str]) -> list[ClaimedUser]:
+        users = (await session.scalars(select(User).where(User.id.in_(ids)))).all()
+        events: dict[str, list[EventSnapshot]] = defaultdict(list)
+        rows = await session.scalars(
+            select(UserEvent)
+            .where(UserEvent.user_id.in_(ids), UserEvent.status == "pending")
+            .order_by(UserEvent.occurred_at, UserEvent.id)
+        )
+        for event in rows:
+            events[event.user_id].append(
+                EventSnapshot(
+                    event_id=event.event_id,
+                    name=event.name,
+                    properties=event.properties or {},
+                    context=event.context or {},
+                    occurred_at=event.occurred_at,
+                )
+            )
+        order = {user_id: position for position, user_id in enumerate(ids)}
+        return [
+            ClaimedUser(
+                snapshot=_snapshot(user, events[user.id]),
+                version=user.version,
+                attempts=user.attempts,
+            )
+            for user in sorted(users, key=lambda u: order[u.id])
+        ]
+
+    async def release(self, user_ids: list[str]) -> None:
+        """Give claimed users back untouched (the pass stopped before reaching them)."""
+        if not user_ids:
+            return
+        async with self._sessionmaker() as session, session.begin():
+            await session.execute(
+                update(User)
+                .where(User.id.in_(user_ids), User.claimed_by == self.instance_id)
+                .values(claimed_by=None, claimed_until=None)
+            )
+
+    async def finish(
+        self,
+        claimed: ClaimedUser,
+        outcome: UserOutcome,
+        retry_at: datetime | None,
+    ) -> None:
+        """Store a user's outcome; it stays pending if it changed meanwhile or must retry.
+
+        ``retry_at`` is when a ``retry`` outcome may be tried again.
+        """
+        now = utcnow()
+        async with self._sessionmaker() as session, session.begin():
+            user = await session.get(User, claimed.snapshot.id, with_for_update=True)
+            if user is None:
+                return
+            self._write_user(user, claimed, outcome, retry_at, now)
+            await self._write_events(session, user.id, outcome, now)
+            if user.sync_status == "failed" and not user.pending:
+                # A user that failed for good takes its waiting events with it.
+                await session.execute(
+                    update(UserEvent)
+                    .where(UserEvent.user_id == user.id, UserEvent.status == "pending")
+                    .values(status="failed", reason=user.last_error)
+                )
+
+    def _write_user(
+        self,
+        user: User,
+        claimed: ClaimedUser,
+        outcome: UserOutcome,
+        retry_at: datetime | None,
+        now: datetime,
+    ) -> None:
+        user.claimed_by = None
+        user.claimed_until = None
+        if outcome.sent_attributes:
+            user.sent_attributes = {**(user.sent_attributes or {}), **outcome.sent_attributes}
+        if outcome.identified:
+            user.cio_id = outcome.customer_id
+            user.cio_synced_at = now
+            if user.cio_created_at is None or user.cio_deleted_at is not None:
+                user.cio_created_at = now
+            user.cio_deleted_at = None
+        if outcome.full_hash:
+            user.cio_hash = outcome.full_hash
+        if outcome.deleted:
+            user.cio_deleted_at = now
+            user.sent_attributes = {}
+            user.cio_hash = None
+        if outcome.status == "released":
+            return
+        user.attribute_errors = outcome.attribute_errors
+        if outcome.status == "retry":
+            user.attempts = claimed.attempts + 1
+            user.last_error = outcome.reason
+            if retry_at is None:
+                user.pending = False
+                user.sync_status = "failed"
+            else:
+                user.next_attempt_at = retry_at
+                user.sync_status = "retrying"
+            return
+        user.sync_status = outcome.status
+        user.skip_reason = outcome.reason if outcome.status == "skipped" else None
+        user.last_error = outcome.reason if outcome.status == "failed" else None
+        user.attempts = 0
+        if user.version == claimed.version:
+            user.pending = False
+            user.pending_since = None
+            user.via_batch = False
+            user.full_sync = False
+        user.next_attempt_at = now
+
+    async def _write_events(
+        self, session: AsyncSession, user_id: str, outcome: UserOutcome, now: datetime
+    ) -> None:
+        grouped: dict[tuple[str, str | None], list[str]] = defaultdict(list)
+        for event_id, result in outcome.event_results.items():
+            grouped[result].append(event_id)
+        for (status, reason), event_ids in grouped.items():
+            await session.execute(
+                update(UserEvent)
+                .where(UserEvent.user_id == user_id, UserEvent.event_id.in_(event_ids))
+                .values(status=status, reason=reason, sent_at=now if status == "sent" else None)
+            )
+
+    async def start_run(self, trigger: str, full: bool, dry_run: bool) -> int:
+        async with self._sessionmaker() as session, session.begin():
+            run = SyncRun(instance=self.instance_id, trigger=trigger, full=full, dry_run=dry_run)
+            session.add(run)
+            await session.flush()
+            return run.id
+
+    async def finish_run(self, run_id: int, counts: dict[str, int], error: str | None) -> None:
+        async with self._sessionmaker() as session, session.begin():
+            await session.execute(
+                update(SyncRun)
+                .where(SyncRun.id == run_id)
+                .values(finished_at=utcnow(), error=error, **counts)
+            )
+
+
+def _snapshot(user: User, events: list[EventSnapshot]) -> UserSnapshot:
+    return UserSnapshot(
+        id=user.id,
+        external_id=user.external_id,
+        email=user.email,
+        anonymous_ids=tuple(user.anonymous_ids or ()),
+        attributes=user.attributes or {},
+        account=user.account or {},
+        segments=tuple(user.segments or ()),
+        via_batch=user.via_batch,
+        full=user.full_sync,
+        sent_attributes=user.sent_attributes or {},
+        cio_id=user.cio_id,
+        cio_created_at=user.cio_created_at,
+        cio_deleted_at=user.cio_deleted_at,
+        events=tuple(events),
+    )

@@ -1,0 +1,60 @@
+"""The delivery retry policy: which answers are worth another try, how long to wait, when to stop.
+
+Pure functions, no I/O: the sender classifies each Track API answer with
+:func:`classify_status`, and whoever schedules the next attempt asks :func:`gives_up` and
+:func:`backoff_delay`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from connector.outbound.operations import SendOutcome
+
+TOO_MANY_REQUESTS = 429
+UNAUTHORIZED = 401
+
+
+def is_retryable_status(status: int) -> bool:
+    """429 and every 5xx: Customer.io is busy or broken, the same call may succeed later."""
+    return status == TOO_MANY_REQUESTS or 500 <= status <= 599
+
+
+def classify_status(status: int) -> SendOutcome:
+    """What an HTTP status means for the operation that received it.
+
+    2xx is a success, 401 means the credentials are wrong, 429 and 5xx are worth retrying and
+    every other status (other 4xx, but also 1xx/3xx, which the Track API never answers on
+    purpose) fails the operation for good.
+    """
+    if 200 <= status <= 299:
+        return SendOutcome.OK
+    if status == UNAUTHORIZED:
+        return SendOutcome.UNAUTHORIZED
+    if is_retryable_status(status):
+        return SendOutcome.RETRY
+    return SendOutcome.FAIL
+
+
+def backoff_delay(
+    attempt: int,
+    base: float,
+    cap: float,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to wait before retrying after the ``attempt``-th failure (1-based).
+
+    Exponential backoff with full jitter: uniform in ``[0, min(cap, base * 2**(attempt-1))]``,
+    so that many users failing together do not come back together.
+    """
+    if attempt < 1:
+        raise ValueError("attempt is 1-based")
+    # Above 2**64 the product is past any sensible cap; avoid building huge floats.
+    ceiling = cap if attempt > 64 else min(cap, base * 2 ** (attempt - 1))
+    return max(0.0, ceiling) * rand()
+
+
+def gives_up(attempts: int, max_attempts: int) -> bool:
+    """True once ``attempts`` tries have been made and no further one is allowed."""
+    return attempts >= max_attempts

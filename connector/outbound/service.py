@@ -1,0 +1,87 @@
+"""The outbound sync as the rest of the service uses it: one pass at a time per instance,
+with its run recorded and the credential status kept up to date."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from connector.outbound.engine import (
+    INVALID_CREDENTIALS,
+    MISSING_CREDENTIALS,
+    ProgressCallback,
+    SyncEngine,
+    SyncSummary,
+)
+from connector.outbound.operations import Sender, UserPlan
+from connector.outbound.planner import plan_user
+from connector.outbound.repository import OutboundRepository
+from connector.settings import ConnectorSettings
+from connector.settings_store import SettingsStore
+from connector.status import CredentialStatusStore
+
+log = logging.getLogger("connector.outbound")
+
+SenderFactory = Callable[[ConnectorSettings], Sender]
+
+
+class SyncService:
+    def __init__(
+        self,
+        repository: OutboundRepository,
+        engine: SyncEngine,
+        settings: SettingsStore,
+        credentials: CredentialStatusStore,
+        sender_factory: SenderFactory,
+    ):
+        self.repository = repository
+        self._engine = engine
+        self._settings = settings
+        self._credentials = credentials
+        self._sender_factory = sender_factory
+        self._lock = asyncio.Lock()
+
+    @property
+    def running(self) -> bool:
+        return self._lock.locked()
+
+    async def run_once(
+        self,
+        trigger: str,
+        *,
+        full: bool = False,
+        progress: ProgressCallback | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> SyncSummary:
+        """One complete pass; ``on_start`` learns how many users are due before it begins."""
+        async with self._lock:
+            settings = await self._settings.load()
+            run_id = await self.repository.start_run(trigger, full, dry_run=False)
+            if not settings.has_credentials:
+                summary = SyncSummary(error=MISSING_CREDENTIALS)
+                await self.repository.finish_run(run_id, summary.run_counts(), summary.error)
+                return summary
+            if full:
+                await self.repository.mark_all_pending(full=True)
+            if on_start is not None:
+                on_start(await self.repository.count_claimable())
+            sender = self._sender_factory(settings)
+            try:
+                summary = await self._engine.run(settings, sender, progress=progress)
+            finally:
+                await sender.close()
+            if summary.error == INVALID_CREDENTIALS:
+                await self._credentials.record("invalid", "Customer.io answered 401")
+                log.error("sync stopped: Customer.io refused the credentials")
+            elif summary.api_calls:
+                await self._credentials.record("valid")
+            await self.repository.finish_run(run_id, summary.run_counts(), summary.error)
+            log.info("sync finished", extra={"trigger": trigger, **summary.as_dict()})
+            return summary
+
+    async def plan_pending(self, limit: int = 10_000) -> list[UserPlan]:
+        """What a pass would do now, without sending or changing anything."""
+        settings = await self._settings.load()
+        claimed = await self.repository.peek(limit)
+        return [plan_user(item.snapshot, settings) for item in claimed]

@@ -1,0 +1,515 @@
+"""A faithful fake of Customer.io's Track API v1, served over HTTPS on loopback.
+
+Follows Customer.io's documentation (Journeys Track API and "Invalid API requests"):
+
+- HTTP Basic auth with the workspace's site id and API key; anything else is a 401.
+- ``PUT /api/v1/customers/{id}`` (identify, attributes merged, ``null`` removes one),
+  ``DELETE /api/v1/customers/{id}``, ``POST /api/v1/customers/{id}/events``,
+  ``POST /api/v1/events`` (anonymous: ``anonymous_id`` is optional, without it the event is
+  an "invite" event) and ``GET /api/v1/accounts/region``.
+- The documented limits, answered with a 400 and ``{"meta": {"error": ...}}``: customer id
+  and attribute names up to 150 bytes, attribute values up to 1000 bytes, up to 300
+  attributes per identify, event names not blank and up to 100 bytes (page and screen names,
+  which are URLs and screen titles, under 500 characters), event ``data`` an object of at most
+  100,000 bytes, event ``type`` one of ``event``/``page``/``screen``.
+- Optionally the fair-use rate limit (a token bucket with one second of burst): 429.
+
+Tests control it directly (:meth:`FakeCustomerIO.fail_next`, :meth:`FakeCustomerIO.slow_next`,
+``latency``, :meth:`FakeCustomerIO.reset`) and read ``requests``, ``customers``,
+``deleted`` and ``events``. Run as a script it serves benchmarks, keeping counts only::
+
+    python tests/fake_customerio.py --port 0 --latency-ms 50 --rate-limit 100 --ca-file ca.pem
+
+prints ``ready 127.0.0.1:PORT CAFILE`` once listening; ``GET /__fake/stats`` and
+``POST /__fake/reset`` need no auth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import shutil
+import signal
+import socket
+import ssl
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+import trustme
+from aiohttp import web
+
+MAX_ID_BYTES = 150
+MAX_ATTRIBUTE_NAME_BYTES = 150
+MAX_ATTRIBUTE_VALUE_BYTES = 1000
+MAX_ATTRIBUTES_PER_REQUEST = 300
+MAX_EVENT_NAME_BYTES = 100
+MAX_PAGE_NAME_CHARS = 500
+MAX_EVENT_DATA_BYTES = 100_000
+# Not a documented Track API v1 figure: the fake's own guard so a runaway client shows up as
+# a 400 instead of eating memory. Generous enough for any valid request.
+MAX_BODY_BYTES = 1_000_000
+EVENT_TYPES = ("event", "page", "screen")
+REGION_URLS = {"us": "https://track.customer.io", "eu": "https://track-eu.customer.io"}
+
+
+@dataclass
+class RecordedRequest:
+    """One request as the fake received it."""
+
+    method: str
+    path: str
+    """The path with every segment percent-decoded (``/api/v1/customers/a b/c``)."""
+    raw_path: str
+    auth_ok: bool
+    body: Any
+    """The parsed JSON body, ``None`` when empty or not JSON."""
+    at: float
+    """``time.monotonic()`` when it arrived."""
+    status: int | None = None
+
+
+@dataclass
+class _Rule:
+    """A scripted answer or delay for the next ``times`` matching requests."""
+
+    times: int
+    method: str | None
+    path: str | None
+    status: int = 0
+    body: Any = None
+    delay: float = 0.0
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.method is not None and self.method.upper() != method:
+            return False
+        return self.path is None or path.startswith(self.path)
+
+
+@dataclass
+class _RateLimiter:
+    rate: float
+    tokens: float = 0.0
+    updated: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.rate
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        # One second of burst, as Customer.io's fair-use limit is stated per second.
+        self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, str):
+        return _utf8_len(value)
+    return _utf8_len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"meta": {"error": message}}, status=status)
+
+
+class FakeCustomerIO:
+    """The fake Track API server and the workspace it writes to."""
+
+    def __init__(
+        self,
+        site_id: str = "fake-site-id",
+        api_key: str = "fake-api-key",
+        *,
+        data_center: str = "us",
+        environment_id: int = 12345,
+        latency: float = 0.0,
+        rate_limit: float | None = None,
+        record: bool = True,
+    ):
+        self.site_id = site_id
+        self.api_key = api_key
+        self.data_center = data_center
+        self.environment_id = environment_id
+        self.latency = latency
+        """Seconds every API request waits before it is answered."""
+        self.rate_limit = rate_limit
+        """Requests per second before answering 429 (one second of burst); None: no limit."""
+        self.record = record
+        """Keep requests and workspace state; False keeps counts only (benchmarks)."""
+        self.host = ""
+        self.ca_file = ""
+        self._expected_auth = self._basic(site_id, api_key)
+        self._runner: web.AppRunner | None = None
+        self._tmpdir: str | None = None
+        self._closing = asyncio.Event()
+        self.reset()
+
+    @staticmethod
+    def _basic(user: str, password: str) -> str:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        return f"Basic {token}"
+
+    def reset(self) -> None:
+        """Forget every request, rule and workspace record; limits and latency stay."""
+        self.requests: list[RecordedRequest] = []
+        self.customers: dict[str, dict[str, Any]] = {}
+        self.deleted: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self.counts: Counter[int] = Counter()
+        self.operations: Counter[str] = Counter()
+        self._event_ids: set[str] = set()
+        self._rules: list[_Rule] = []
+        self._limiter = _RateLimiter(self.rate_limit) if self.rate_limit else None
+
+    def set_rate_limit(self, rate_per_second: float | None) -> None:
+        self.rate_limit = rate_per_second
+        self._limiter = _RateLimiter(rate_per_second) if rate_per_second else None
+
+    def fail_next(
+        self,
+        status: int,
+        times: int = 1,
+        method: str | None = None,
+        path: str | None = None,
+        body: Any = None,
+    ) -> None:
+        """Answer ``status`` to the next ``times`` API requests matching method and path prefix.
+
+        ``body`` is sent as JSON, or as plain text when it is a string; by default it is a
+        Customer.io-style ``{"meta": {"error": ...}}``.
+        """
+        if body is None:
+            body = {"meta": {"error": f"injected failure {status}"}}
+        self._rules.append(_Rule(times, method, path, status=status, body=body))
+
+    def slow_next(
+        self, delay: float, times: int = 1, method: str | None = None, path: str | None = None
+    ) -> None:
+        """Hold the next ``times`` matching API requests ``delay`` extra seconds."""
+        self._rules.append(_Rule(times, method, path, delay=delay))
+
+    def requests_for(
+        self, method: str | None = None, path_prefix: str = ""
+    ) -> list[RecordedRequest]:
+        """Recorded requests with this method (any when None) whose decoded path starts so."""
+        return [
+            r
+            for r in self.requests
+            if (method is None or r.method == method.upper()) and r.path.startswith(path_prefix)
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "total": sum(self.counts.values()),
+            "by_status": {str(status): n for status, n in sorted(self.counts.items())},
+            "operations": dict(self.operations),
+        }
+
+    # -- server life cycle -------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES * 4)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    async def start(self, port: int = 0, ca_file: str | None = None) -> None:
+        """Listen on 127.0.0.1 over HTTPS with a fresh test CA written to ``ca_file``."""
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(context)
+        if ca_file is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="fake-cio-")
+            ca_file = str(Path(self._tmpdir) / "ca.pem")
+        ca.cert_pem.write_to_path(ca_file)
+        self.ca_file = ca_file
+        self._closing.clear()
+        self._runner = web.AppRunner(self.make_app(), shutdown_timeout=1.0, access_log=None)
+        await self._runner.setup()
+        # Binding the socket here tells us the port the system picked for port 0.
+        sock = socket.create_server(("127.0.0.1", port))
+        self.host = f"127.0.0.1:{sock.getsockname()[1]}"
+        await web.SockSite(self._runner, sock, ssl_context=context).start()
+
+    async def close(self) -> None:
+        self._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    # -- request handling --------------------------------------------------------------
+
+    def _take_rules(self, method: str, path: str) -> tuple[float, _Rule | None]:
+        delay = 0.0
+        failure = None
+        for rule in self._rules:
+            if rule.times <= 0 or not rule.matches(method, path):
+                continue
+            if rule.delay and not delay:
+                delay = rule.delay
+                rule.times -= 1
+            elif rule.status and failure is None:
+                failure = rule
+                rule.times -= 1
+        self._rules = [r for r in self._rules if r.times > 0]
+        return delay, failure
+
+    async def _wait(self, seconds: float) -> None:
+        if seconds > 0:
+            # Returns early when the server closes, so a held request never delays shutdown.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), timeout=seconds)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw_path = request.rel_url.raw_path
+        segments = [unquote(s) for s in raw_path.split("/")[1:]]
+        path = "/" + "/".join(segments)
+        if segments[:1] == ["__fake"]:
+            return await self._control(request, segments[1:])
+
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        auth_ok = hmac.compare_digest(
+            request.headers.get("Authorization", "").encode(), self._expected_auth.encode()
+        )
+        entry = RecordedRequest(request.method, path, raw_path, auth_ok, body, time.monotonic())
+        if self.record:
+            self.requests.append(entry)
+
+        delay, failure = self._take_rules(request.method, path)
+        await self._wait(self.latency + delay)
+        if failure is not None and isinstance(failure.body, str):
+            response = web.Response(text=failure.body, status=failure.status)
+        elif failure is not None:
+            response = web.json_response(failure.body, status=failure.status)
+        elif not auth_ok:
+            response = _error(401, "Unauthorized request")
+        elif self._limiter is not None and not self._limiter.allow():
+            response = _error(429, "rate limit exceeded")
+        else:
+            try:
+                response = self._route(request.method, segments, raw, body)
+            except _Rejected as rejected:
+                response = _error(rejected.status, rejected.message)
+        entry.status = response.status
+        self.counts[response.status] += 1
+        return response
+
+    async def _control(self, request: web.Request, segments: list[str]) -> web.Response:
+        if request.method == "GET" and segments == ["stats"]:
+            return web.json_response(self.stats())
+        if request.method == "POST" and segments == ["reset"]:
+            self.reset()
+            return web.json_response({})
+        return _error(404, "not found")
+
+    def _route(self, method: str, segments: list[str], raw: bytes, body: Any) -> web.Response:
+        if segments[:2] != ["api", "v1"]:
+            raise _Rejected(404, "not found")
+        rest = segments[2:]
+        if rest == ["accounts", "region"]:
+            self._require(method, "GET")
+            return web.json_response(
+                {
+                    "url": REGION_URLS.get(self.data_center, REGION_URLS["us"]),
+                    "data_center": self.data_center,
+                    "environment_id": self.environment_id,
+                }
+            )
+        if len(raw) > MAX_BODY_BYTES:
+            raise _Rejected(400, f"request body cannot be longer than {MAX_BODY_BYTES} bytes")
+        if raw and body is None:
+            raise _Rejected(400, "invalid JSON body")
+        payload = {} if body is None else body
+        if not isinstance(payload, dict):
+            raise _Rejected(400, "request body must be a JSON object")
+        if rest == ["events"]:
+            self._require(method, "POST")
+            self._track(None, payload)
+        elif len(rest) == 2 and rest[0] == "customers":
+            self._check_customer_id(rest[1])
+            if method == "DELETE":
+                self._delete(rest[1])
+            else:
+                self._require(method, "PUT")
+                self._identify(rest[1], payload)
+        elif len(rest) == 3 and rest[0] == "customers" and rest[2] == "events":
+            self._require(method, "POST")
+            self._check_customer_id(rest[1])
+            self._track(rest[1], payload)
+        else:
+            raise _Rejected(404, "not found")
+        return web.json_response({})
+
+    @staticmethod
+    def _require(method: str, expected: str) -> None:
+        if method != expected:
+            raise _Rejected(405, "method not allowed")
+
+    @staticmethod
+    def _check_customer_id(customer_id: str) -> None:
+        if not customer_id.strip():
+            raise _Rejected(400, "id attribute cannot be an empty string")
+        if _utf8_len(customer_id) > MAX_ID_BYTES:
+            raise _Rejected(400, f"id attribute cannot be longer than {MAX_ID_BYTES} bytes")
+
+    def _identify(self, customer_id: str, attributes: dict[str, Any]) -> None:
+        if len(attributes) > MAX_ATTRIBUTES_PER_REQUEST:
+            raise _Rejected(
+                400,
+                f"cannot identify more than {MAX_ATTRIBUTES_PER_REQUEST} attributes in one request",
+            )
+        for name, value in attributes.items():
+            if _utf8_len(name) > MAX_ATTRIBUTE_NAME_BYTES:
+                raise _Rejected(
+                    400, f"attribute name cannot be longer than {MAX_ATTRIBUTE_NAME_BYTES} bytes"
+                )
+            if value is not None and _value_bytes(value) > MAX_ATTRIBUTE_VALUE_BYTES:
+                raise _Rejected(
+                    400,
+                    f"value for attribute '{name[:50]}' cannot be longer than "
+                    f"{MAX_ATTRIBUTE_VALUE_BYTES} bytes",
+                )
+        self.operations["identify"] += 1
+        if not self.record:
+            return
+        profile = self.customers.setdefault(customer_id, {})
+        for name, value in attributes.items():
+            if value is None:
+                profile.pop(name, None)
+            else:
+                profile[name] = value
+        if customer_id in self.deleted:
+            self.deleted.remove(customer_id)
+
+    def _delete(self, customer_id: str) -> None:
+        self.operations["delete"] += 1
+        if not self.record:
+            return
+        self.customers.pop(customer_id, None)
+        if customer_id not in self.deleted:
+            self.deleted.append(customer_id)
+
+    def _track(self, customer_id: str | None, payload: dict[str, Any]) -> None:
+        name = payload.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise _Rejected(400, "event name must not be blank")
+        event_type = payload.get("type", "event")
+        if event_type not in EVENT_TYPES:
+            raise _Rejected(400, "event type must be one of event, page, screen")
+        if event_type == "event" and _utf8_len(name) > MAX_EVENT_NAME_BYTES:
+            raise _Rejected(400, f"event name cannot be longer than {MAX_EVENT_NAME_BYTES} bytes")
+        if len(name) >= MAX_PAGE_NAME_CHARS:
+            raise _Rejected(400, f"event name must be less than {MAX_PAGE_NAME_CHARS} characters")
+        data = payload.get("data", {})
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise _Rejected(400, 'event data must be a hash (e.g., send "data":{} instead of "")')
+        if _value_bytes(data) > MAX_EVENT_DATA_BYTES:
+            raise _Rejected(400, f"event data cannot be longer than {MAX_EVENT_DATA_BYTES} bytes")
+        timestamp = payload.get("timestamp")
+        if timestamp is not None and (
+            isinstance(timestamp, bool) or not isinstance(timestamp, int)
+        ):
+            raise _Rejected(400, "timestamp must be a unix timestamp in seconds")
+        event_id = payload.get("id")
+        if event_id is not None and not isinstance(event_id, str):
+            raise _Rejected(400, "event id must be a string")
+        anonymous_id = payload.get("anonymous_id")
+        if customer_id is None and anonymous_id is not None and not isinstance(anonymous_id, str):
+            raise _Rejected(400, "anonymous_id must be a string")
+        self.operations["anonymous_event" if customer_id is None else "event"] += 1
+        # Customer.io deduplicates events on their id: a repeated id is accepted, not stored.
+        if not self.record or (event_id is not None and event_id in self._event_ids):
+            return
+        if event_id is not None:
+            self._event_ids.add(event_id)
+        self.events.append(
+            {
+                "customer_id": customer_id,
+                "anonymous_id": anonymous_id if customer_id is None else None,
+                "type": event_type,
+                "name": name,
+                "data": data,
+                "id": event_id,
+                "timestamp": timestamp,
+            }
+        )
+
+
+@pytest.fixture
+async def fake_cio() -> AsyncIterator[FakeCustomerIO]:
+    """A started fake Track API with a clean workspace, closed after the test."""
+    fake = FakeCustomerIO()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    fake = FakeCustomerIO(
+        args.site_id,
+        args.api_key,
+        latency=args.latency_ms / 1000.0,
+        rate_limit=args.rate_limit or None,
+        record=False,
+    )
+    await fake.start(port=args.port, ca_file=args.ca_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"ready {fake.host} {fake.ca_file}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await fake.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fake Customer.io Track API for benchmarks")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--rate-limit", type=float, default=0.0, help="requests/s; 0: none")
+    parser.add_argument("--ca-file", default=None, help="where to write the test CA (PEM)")
+    parser.add_argument("--site-id", default="fake-site-id")
+    parser.add_argument("--api-key", default="fake-api-key")
+    asyncio.run(_serve(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
