@@ -15,7 +15,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import text
@@ -27,7 +27,8 @@ from connector.db import migrate
 from connector.db.engine import make_engine
 from connector.db.models import Base
 
-from .fake_customerio import FakeCustomerIO
+if TYPE_CHECKING:
+    from .fake_customerio import FakeCustomerIO
 
 pytest_plugins = ["tests.fake_customerio"]
 
