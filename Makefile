@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+CODE := connector tests migrations $(wildcard bench)
 
 .PHONY: run test lint format bench clean
 
@@ -27,16 +28,16 @@ run: $(STAMP) settings.toml
 	$(BIN)/connector serve
 
 test: $(TEST_STAMP)
-	$(BIN)/ruff check connector tests bench migrations
-	$(BIN)/ruff format --check connector tests bench migrations
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP)
-	$(BIN)/ruff check connector tests bench migrations
+	$(BIN)/ruff check $(CODE)
 
 format: $(TEST_STAMP)
-	$(BIN)/ruff format connector tests bench migrations
-	$(BIN)/ruff check --fix connector tests bench migrations
+	$(BIN)/ruff format $(CODE)
+	$(BIN)/ruff check --fix $(CODE)
 
 bench: $(TEST_STAMP)
 	$(BIN)/python bench/outbound.py
