@@ -24,6 +24,7 @@ from connector.notifications.store import store_messages
 from connector.outbound.operations import DeleteCustomer, Identify, Operation, UserPlan
 from connector.outbound.sender import DryRunSender
 from connector.runtime import DatabaseNotMigrated, Runtime, open_runtime
+from connector.secrets import new_token
 
 EXIT_CONFIG = 2
 EXIT_CREDENTIALS = 3
@@ -75,9 +76,13 @@ def init(ctx: click.Context, example: str | None) -> None:
         return
     text = Path(example or EXAMPLE_SETTINGS).read_text(encoding="utf-8")
     password = secrets.token_urlsafe(12)
+    token = new_token()
     text = text.replace('admin_password = ""', f'admin_password = "{password}"', 1)
+    text = text.replace('# ingest_token = "..."', f'ingest_token = "{token}"', 1)
     target.write_text(text, encoding="utf-8")
-    click.echo(f"Wrote {target}. Admin password (user 'admin'): {password}")
+    click.echo(f"Wrote {target}.")
+    click.echo(f"  admin password (user 'admin'): {password}")
+    click.echo(f"  platform ingest token (Authorization: Bearer ...): {token}")
 
 
 @main.command()

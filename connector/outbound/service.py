@@ -77,7 +77,8 @@ class SyncService:
             elif summary.api_calls:
                 await self._credentials.record("valid")
             await self.repository.finish_run(run_id, summary.run_counts(), summary.error)
-            log.info("sync finished", extra={"trigger": trigger, **summary.as_dict()})
+            level = logging.INFO if summary.users or summary.error else logging.DEBUG
+            log.log(level, "sync finished", extra={"trigger": trigger, **summary.as_dict()})
             return summary
 
     async def plan_pending(self, limit: int = 10_000) -> list[UserPlan]:
