@@ -6,17 +6,20 @@ from typing import Any
 
 from aiohttp import web
 from marshmallow import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from connector.appkeys import (
+    config_key,
     credentials_key,
     scheduler_key,
     sessionmaker_key,
     settings_key,
     sync_key,
+    webhook_gate_key,
 )
 from connector.auth import require_admin
-from connector.db.models import User, UserEvent
+from connector.db.models import TrackedEvent, User, UserEvent, WebhookDelivery
+from connector.inbound.gate import webhook_url
 from connector.responses import json_error, json_response, read_json
 
 # Changing any of these changes what users should look like in Customer.io.
@@ -33,6 +36,8 @@ MAPPING_KEYS = frozenset(
 CREDENTIAL_KEYS = frozenset({"site_id", "api_key", "region"})
 RECENT_EVENTS = 50
 MAX_USERS_LISTED = 100
+DEFAULT_EVENTS_PAGE = 100
+MAX_EVENTS_PAGE = 1000
 
 
 @require_admin
@@ -104,6 +109,7 @@ def user_json(user: User) -> dict[str, Any]:
             "synced_at": user.cio_synced_at,
             "deleted_at": user.cio_deleted_at,
             "hash": user.cio_hash,
+            "cio_id": user.cio_ref,
             "last_error": user.last_error,
         },
         "updated_at": user.updated_at,
@@ -125,6 +131,13 @@ async def get_user(request: web.Request) -> web.Response:
         )
         data = user_json(user)
         data["events"] = [_event_json(event) for event in events]
+        tracked = await session.scalars(
+            select(TrackedEvent)
+            .where(TrackedEvent.user_id == user_id)
+            .order_by(TrackedEvent.occurred_at.desc(), TrackedEvent.id.desc())
+            .limit(RECENT_EVENTS)
+        )
+        data["tracked_events"] = [tracked_json(event) for event in tracked]
     return json_response(data)
 
 
@@ -142,9 +155,106 @@ async def find_users(request: web.Request) -> web.Response:
     return json_response({"users": [user_json(user) for user in users]})
 
 
+def tracked_json(event: TrackedEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "event_id": event.event_id,
+        "user_id": event.user_id,
+        "name": event.name,
+        "object_type": event.object_type,
+        "metric": event.metric,
+        "properties": event.properties,
+        "context": event.context,
+        "occurred_at": event.occurred_at,
+        "received_at": event.created_at,
+    }
+
+
+def _positive_int(raw: str | None, default: int, name: str) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(reason=f"{name} must be a whole number") from None
+    if value < 0:
+        raise web.HTTPBadRequest(reason=f"{name} must not be negative")
+    return value
+
+
+@require_admin
+async def list_events(request: web.Request) -> web.Response:
+    """Tracked inbound events, oldest first; ``after`` is the ``next`` cursor of a page."""
+    limit = min(
+        _positive_int(request.query.get("limit"), DEFAULT_EVENTS_PAGE, "limit"), MAX_EVENTS_PAGE
+    )
+    after = _positive_int(request.query.get("after"), 0, "after")
+    query = (
+        select(TrackedEvent).where(TrackedEvent.id > after).order_by(TrackedEvent.id).limit(limit)
+    )
+    if user_id := request.query.get("user_id"):
+        query = query.where(TrackedEvent.user_id == user_id)
+    if name := request.query.get("name"):
+        query = query.where(TrackedEvent.name == name)
+    async with request.app[sessionmaker_key]() as session:
+        events = (await session.scalars(query)).all()
+    next_cursor = events[-1].id if len(events) == limit and events else None
+    return json_response({"events": [tracked_json(e) for e in events], "next": next_cursor})
+
+
+@require_admin
+async def inbound_stats(request: web.Request) -> web.Response:
+    """Webhooks by delivery status, tracked events by name, unmatched events, the last arrival."""
+    async with request.app[sessionmaker_key]() as session:
+        by_status = dict(
+            (
+                await session.execute(
+                    select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
+                )
+            ).all()
+        )
+        by_name = dict(
+            (
+                await session.execute(
+                    select(TrackedEvent.name, func.count())
+                    .group_by(TrackedEvent.name)
+                    .order_by(TrackedEvent.name)
+                )
+            ).all()
+        )
+        unmatched = await session.scalar(select(func.count()).where(TrackedEvent.user_id.is_(None)))
+        last = await session.scalar(select(func.max(WebhookDelivery.received_at)))
+    return json_response(
+        {
+            "deliveries": by_status,
+            "events": by_name,
+            "unmatched": unmatched or 0,
+            "last_received_at": last,
+        }
+    )
+
+
+@require_admin
+async def get_webhook_url(request: web.Request) -> web.Response:
+    gate = await request.app[webhook_gate_key].refresh()
+    public_url = request.app[config_key].server.public_url
+    return json_response({"url": webhook_url(public_url, gate.token)})
+
+
+@require_admin
+async def rotate_webhook_url(request: web.Request) -> web.Response:
+    token = await request.app[webhook_gate_key].rotate()
+    public_url = request.app[config_key].server.public_url
+    return json_response({"url": webhook_url(public_url, token)})
+
+
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/settings", get_settings)
     app.router.add_patch("/api/settings", patch_settings)
     app.router.add_post("/api/sync", start_sync)
     app.router.add_get("/api/users", find_users)
     app.router.add_get("/api/users/{user_id}", get_user)
+    app.router.add_get("/api/events", list_events)
+    app.router.add_get("/api/inbound/stats", inbound_stats)
+    app.router.add_get("/api/webhook-url", get_webhook_url)
+    app.router.add_post("/api/webhook-url/rotate", rotate_webhook_url)

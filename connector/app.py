@@ -12,6 +12,8 @@ from connector.appkeys import (
     config_key,
     credentials_key,
     engine_key,
+    inbound_processor_key,
+    inbox_key,
     kv_key,
     metrics_key,
     scheduler_key,
@@ -19,8 +21,11 @@ from connector.appkeys import (
     sessionmaker_key,
     settings_key,
     sync_key,
+    webhook_gate_key,
 )
 from connector.config import Config
+from connector.inbound import webhook
+from connector.inbound.inbox import InboxWriter
 from connector.metrics import Metrics
 from connector.notifications import http as notifications_http
 from connector.outbound.service import SenderFactory
@@ -46,13 +51,27 @@ def _runtime_context(config: Config, sender_factory: SenderFactory | None):
             app[credentials_key] = rt.credentials
             app[secrets_key] = rt.secrets
             app[sync_key] = rt.sync
-            yield
+            app[webhook_gate_key] = rt.gate
+            app[inbound_processor_key] = rt.processor
+            inbox = InboxWriter(rt.sessionmaker)
+            app[inbox_key] = inbox
+            inbox.start()
+            rt.processor.start()
+            # Deliveries stored before a restart are processed without waiting for the sweep.
+            rt.processor.wake()
+            try:
+                yield
+            finally:
+                await inbox.close()
+                await rt.processor.close()
 
     return runtime
 
 
 async def _scheduler_context(app: web.Application) -> AsyncIterator[None]:
-    scheduler = Scheduler(app[sync_key], app[config_key].sync)
+    scheduler = Scheduler(
+        app[sync_key], app[inbound_processor_key], app[sessionmaker_key], app[config_key]
+    )
     app[scheduler_key] = scheduler
     scheduler.start()
     yield
@@ -67,7 +86,11 @@ async def json_errors(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.content_type == "application/json" or exc.status < 400:
             raise
-        return json_error(exc.status, exc.reason)
+        response = json_error(exc.status, exc.reason)
+        # A 405 must say which methods the route takes (RFC 9110 §15.5.6).
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
         return json_error(500, "internal error")
@@ -82,5 +105,6 @@ def create_app(config: Config, *, sender_factory: SenderFactory | None = None) -
     app.cleanup_ctx.append(_scheduler_context)
     health.setup_routes(app)
     notifications_http.setup_routes(app)
+    webhook.setup_routes(app)
     api.setup_routes(app)
     return app

@@ -7,6 +7,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from connector.config import Config
 from connector.db.kv import KeyValueStore
+from connector.inbound.gate import WebhookGate
+from connector.inbound.inbox import InboxWriter
+from connector.inbound.processor import InboundProcessor
 from connector.metrics import Metrics
 from connector.outbound.service import SyncService
 from connector.scheduler import Scheduler
@@ -24,3 +27,6 @@ secrets_key = web.AppKey("secrets", ServiceSecrets)
 metrics_key = web.AppKey("metrics", Metrics)
 sync_key = web.AppKey("sync", SyncService)
 scheduler_key = web.AppKey("scheduler", Scheduler)
+webhook_gate_key = web.AppKey("webhook_gate", WebhookGate)
+inbox_key = web.AppKey("inbox", InboxWriter)
+inbound_processor_key = web.AppKey("inbound_processor", InboundProcessor)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from connector.config import Config, ConfigError, config_path, load_config
 from connector.db import migrate as db_migrate
+from connector.inbound.gate import webhook_url
 from connector.logs import setup_logging
 from connector.notifications.parse import InvalidNotification, parse_notification
 from connector.notifications.store import store_messages
@@ -243,6 +244,21 @@ async def _import(runtime: Runtime, path: Path) -> tuple[int, list[str]]:
             result = await store_messages(runtime.sessionmaker, parsed.messages, via_batch=True)
             stored += result.accepted
     return stored, errors
+
+
+@main.command(name="webhook-url")
+@click.option("--rotate", is_flag=True, help="Replace the token; the old URL stops working.")
+@click.pass_context
+def webhook_url_command(ctx: click.Context, rotate: bool) -> None:
+    """Print the URL to paste into Customer.io's reporting webhooks."""
+    config = _load(ctx)
+
+    async def go() -> str:
+        async with open_runtime(config) as runtime:
+            token = await runtime.gate.rotate() if rotate else (await runtime.gate.current()).token
+        return webhook_url(config.server.public_url, token)
+
+    click.echo(_run(go()))
 
 
 @main.command(name="import")

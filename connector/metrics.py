@@ -40,6 +40,18 @@ class Metrics:
             ["outcome", "event"],
             registry=self.registry,
         )
+        self.forwarded = Counter(
+            "connector_forwarded_messages",
+            "Tracked events handed to the forwarding destination, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.forward_requests = Counter(
+            "connector_forward_requests",
+            "Batch requests to the forwarding destination, by HTTP status (0 when no answer came)",
+            ["status"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "connector_queue_depth",
             "Work waiting in the database, by queue",

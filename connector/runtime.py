@@ -15,6 +15,8 @@ from connector.config import Config
 from connector.db import migrate
 from connector.db.engine import is_sqlite, make_engine, make_sessionmaker
 from connector.db.kv import KeyValueStore
+from connector.inbound.gate import WebhookGate
+from connector.inbound.processor import InboundProcessor
 from connector.metrics import Metrics
 from connector.outbound.engine import SyncEngine
 from connector.outbound.repository import OutboundRepository
@@ -41,6 +43,8 @@ class Runtime:
     secrets: ServiceSecrets
     metrics: Metrics
     sync: SyncService
+    gate: WebhookGate
+    processor: InboundProcessor
 
 
 def instance_id() -> str:
@@ -96,6 +100,9 @@ async def open_runtime(
             credentials=credentials,
             sender_factory=sender_factory or customerio_sender_factory(config),
         )
+        gate = WebhookGate(kv, settings)
+        await gate.refresh()
+        processor = InboundProcessor(sessionmaker, settings, metrics, config.sync.lease_seconds)
         yield Runtime(
             config=config,
             engine=engine,
@@ -106,6 +113,8 @@ async def open_runtime(
             secrets=await ensure_secrets(config, kv),
             metrics=metrics,
             sync=sync,
+            gate=gate,
+            processor=processor,
         )
     finally:
         await engine.dispose()

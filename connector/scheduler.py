@@ -8,29 +8,58 @@ import logging
 from datetime import datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from connector.config import SyncConfig
+from connector.config import Config
+from connector.inbound.processor import InboundProcessor
+from connector.inbound.retention import purge_deliveries
 from connector.outbound.service import SyncService
 
 log = logging.getLogger("connector.scheduler")
 
 SYNC_JOB_ID = "outbound-sync"
+# The processor wakes up for each stored webhook; the sweep only catches what was left behind
+# (a restart, another instance's expired claim).
+INBOUND_SWEEP_SECONDS = 15
+RETENTION_PURGE_SECONDS = 3600
 # Notifications usually come in bursts; a short delay lets one pass take the whole burst.
 TRIGGER_DELAY_SECONDS = 0.2
 
 
 class Scheduler:
-    def __init__(self, sync_service: SyncService, sync_config: SyncConfig):
+    def __init__(
+        self,
+        sync_service: SyncService,
+        processor: InboundProcessor,
+        sessionmaker: async_sessionmaker,
+        config: Config,
+    ):
         self._sync = sync_service
-        self._config = sync_config
+        self._processor = processor
+        self._sessionmaker = sessionmaker
+        self._config = config.sync
+        self._retention_days = config.inbound.retention_days
         self._scheduler = AsyncIOScheduler()
         self._rerun = False
         self._job: asyncio.Task | None = None
         self._stopping = False
 
     def start(self) -> None:
-        if not self._config.scheduled:
-            return
+        self._scheduler.add_job(
+            self._processor.wake, "interval", seconds=INBOUND_SWEEP_SECONDS, id="inbound-sweep"
+        )
+        self._scheduler.add_job(
+            self._purge,
+            "interval",
+            seconds=RETENTION_PURGE_SECONDS,
+            id="retention-purge",
+            max_instances=1,
+        )
+        if self._config.scheduled:
+            self._add_sync_job()
+        self._scheduler.start()
+
+    def _add_sync_job(self) -> None:
         self._scheduler.add_job(
             self._sync_job,
             "interval",
@@ -41,7 +70,6 @@ class Scheduler:
             misfire_grace_time=None,
             next_run_time=datetime.now().astimezone(),
         )
-        self._scheduler.start()
 
     async def shutdown(self) -> None:
         self._stopping = True
@@ -53,9 +81,18 @@ class Scheduler:
         if self._job is not None and not self._job.done():
             await asyncio.shield(self._job)
 
+    async def _purge(self) -> None:
+        try:
+            purged = await purge_deliveries(self._sessionmaker, self._retention_days)
+        except Exception:
+            log.exception("purging old webhook deliveries failed")
+            return
+        if purged:
+            log.info("purged old webhook deliveries", extra={"deliveries": purged})
+
     def trigger_sync(self) -> None:
         """Ask for a pass within about a second, besides the schedule."""
-        if not self._scheduler.running:
+        if not self._scheduler.running or not self._config.scheduled:
             return
         if self._sync.running:
             self._rerun = True

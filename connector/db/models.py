@@ -64,11 +64,13 @@ class User(Base):
     skip_reason: Mapped[str | None] = mapped_column(Text)
     last_error: Mapped[str | None] = mapped_column(Text)
     attribute_errors: Mapped[dict[str, str]] = mapped_column(JSONType, default=dict)
-    cio_id: Mapped[str | None] = mapped_column(String(255))
+    cio_id: Mapped[str | None] = mapped_column(String(255), index=True)
     cio_created_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cio_synced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cio_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cio_hash: Mapped[str | None] = mapped_column(String(64))
+    cio_ref: Mapped[str | None] = mapped_column(String(255), index=True)
+    """Customer.io's own ``cio_id`` of the person, learnt from reporting webhooks."""
     sent_attributes: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -120,3 +122,71 @@ class SyncRun(Base):
     events_sent: Mapped[int] = mapped_column(Integer, default=0)
     api_calls: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class WebhookDelivery(Base):
+    """A Customer.io reporting webhook as it arrived: the inbox, deduplicated by event id."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(255), unique=True)
+    body: Mapped[str] = mapped_column(Text)
+    headers: Mapped[dict[str, str]] = mapped_column(JSONType, default=dict)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    """``pending``, ``processed``, ``ignored`` (filtered by ``incoming_metrics``), ``unmatched``
+    (no identity) or ``invalid`` (could not be read)."""
+    event_name: Mapped[str | None] = mapped_column(String(255))
+    error: Mapped[str | None] = mapped_column(Text)
+    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        Index("ix_webhook_deliveries_status", "status", "id"),
+        Index("ix_webhook_deliveries_received", "received_at"),
+    )
+
+
+class TrackedEvent(Base):
+    """An event Customer.io reported (email opened, push delivered, ...) on the user it concerns."""
+
+    __tablename__ = "tracked_events"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(255), unique=True)
+    user_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(255), index=True)
+    object_type: Mapped[str] = mapped_column(String(50))
+    metric: Mapped[str] = mapped_column(String(100))
+    properties: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    context: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    customer_id: Mapped[str | None] = mapped_column(String(255))
+    email: Mapped[str | None] = mapped_column(String(320))
+    cio_id: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ForwardMessage(Base):
+    """A Segment-spec call waiting for (or done with) the forwarding destination: the outbox."""
+
+    __tablename__ = "forward_outbox"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    tracked_event_id: Mapped[int] = mapped_column(
+        ForeignKey("tracked_events.id", ondelete="CASCADE"), unique=True
+    )
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    """``pending``, ``sent`` or ``failed``."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_forward_outbox_due", "status", "next_attempt_at"),)

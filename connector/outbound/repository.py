@@ -186,6 +186,7 @@ class OutboundRepository:
                     update(UserEvent)
                     .where(UserEvent.user_id == user.id, UserEvent.status == "pending")
                     .values(status="failed", reason=user.last_error)
+                    .execution_options(synchronize_session=False)
                 )
 
     def _write_user(
@@ -247,6 +248,9 @@ class OutboundRepository:
                 update(UserEvent)
                 .where(UserEvent.user_id == user_id, UserEvent.event_id.in_(event_ids))
                 .values(status=status, reason=reason, sent_at=now if status == "sent" else None)
+                # No UserEvent is loaded in this session: nothing to synchronise, and the
+                # evaluation the default would do costs more than the UPDATE itself.
+                .execution_options(synchronize_session=False)
             )
 
     async def start_run(self, trigger: str, full: bool, dry_run: bool) -> int:

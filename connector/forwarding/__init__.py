@@ -1,0 +1,1 @@
+"""Forwarding inbound events to a Segment-compatible destination (SPEC §7)."""
