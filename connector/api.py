@@ -18,7 +18,7 @@ from connector.appkeys import (
     webhook_gate_key,
 )
 from connector.auth import require_admin
-from connector.db.models import TrackedEvent, User, UserEvent, WebhookDelivery
+from connector.db.models import CatalogEntry, TrackedEvent, User, UserEvent, WebhookDelivery
 from connector.inbound.gate import webhook_url
 from connector.responses import json_error, json_response, read_json
 
@@ -234,6 +234,33 @@ async def inbound_stats(request: web.Request) -> web.Response:
     )
 
 
+PAGE_EVENT = "page"
+
+
+@require_admin
+async def catalog(request: web.Request) -> web.Response:
+    """What the platform has sent: segments (id and name), attribute paths, event names.
+
+    ``page`` is always offered among the events: it turns on page views.
+    """
+    async with request.app[sessionmaker_key]() as session:
+        entries = (
+            await session.scalars(
+                select(CatalogEntry).order_by(CatalogEntry.kind, CatalogEntry.key)
+            )
+        ).all()
+    events = sorted({e.key for e in entries if e.kind == "event"} | {PAGE_EVENT})
+    return json_response(
+        {
+            "segments": [
+                {"id": e.key, "name": e.label or e.key} for e in entries if e.kind == "segment"
+            ],
+            "attributes": [e.key for e in entries if e.kind == "attribute"],
+            "events": events,
+        }
+    )
+
+
 @require_admin
 async def get_webhook_url(request: web.Request) -> web.Response:
     gate = await request.app[webhook_gate_key].refresh()
@@ -256,5 +283,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/users/{user_id}", get_user)
     app.router.add_get("/api/events", list_events)
     app.router.add_get("/api/inbound/stats", inbound_stats)
+    app.router.add_get("/api/catalog", catalog)
     app.router.add_get("/api/webhook-url", get_webhook_url)
     app.router.add_post("/api/webhook-url/rotate", rotate_webhook_url)

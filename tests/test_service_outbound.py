@@ -419,3 +419,19 @@ async def test_outbound_mapping_change_resends_users(start_app, fake_cio):
     await configure(client, synchronized_segments=["seg-trial"])
     await sync(client)
     assert len(identify_bodies(fake_cio, "ext-1")) == 1
+
+
+async def test_catalog_lists_what_the_platform_sent(start_app):
+    client = await start_app()
+    resp = await client.post("/smart-notifier", json=HULL, headers=INGEST)
+    assert resp.status == 200
+    await notify(client, message("u2", segments=("seg-trial",), events=[event("e", "Upgraded")]))
+    catalog = await (await client.get("/api/catalog", headers=ADMIN)).json()
+    assert catalog["segments"] == [
+        {"id": "seg-paying", "name": "Paying customers"},
+        {"id": "seg-trial", "name": "Trial"},
+    ]
+    assert {"first_name", "salesforce_lead/title", "account.clearbit/name"} <= set(
+        catalog["attributes"]
+    )
+    assert catalog["events"] == ["Signed Up", "Upgraded", "page"]

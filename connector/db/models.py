@@ -190,3 +190,16 @@ class ForwardMessage(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     __table_args__ = (Index("ix_forward_outbox_due", "status", "next_attempt_at"),)
+
+
+class CatalogEntry(Base):
+    """A segment, attribute name or event name the platform sent: the settings page's pickers."""
+
+    __tablename__ = "catalog_entries"
+
+    kind: Mapped[str] = mapped_column(String(20), primary_key=True)
+    """``segment``, ``attribute`` or ``event``."""
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    label: Mapped[str | None] = mapped_column(String(255))
+    """A segment's name."""
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

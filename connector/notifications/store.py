@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from connector.db.models import User, UserEvent
 from connector.db.types import utcnow
+from connector.notifications.catalog import record_catalog
 from connector.notifications.parse import UserMessage
 
 # Two instances creating the same new user at once: the loser's transaction is replayed.
@@ -145,6 +146,7 @@ async def _store_once(
             if is_changed or inserted or via_batch:
                 _mark_pending(user, now, via_batch)
                 changed += 1
+        await record_catalog(session, messages)
     return StoreResult(accepted=len(messages), changed=changed, new_events=new_events)
 
 

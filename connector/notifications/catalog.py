@@ -1,0 +1,49 @@
+"""Remembers which segments, attribute names and event names the platform has sent."""
+
+from __future__ import annotations
+
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from connector.db.models import CatalogEntry
+from connector.db.types import utcnow
+from connector.notifications.parse import UserMessage
+
+# Attribute names longer than this are not offered in the pickers (and would not fit the key).
+MAX_KEY_LENGTH = 255
+
+
+def catalog_rows(messages: list[UserMessage]) -> list[dict[str, str | None]]:
+    """One row per distinct (kind, key): segment ids with names, attribute paths, event names."""
+    rows: dict[tuple[str, str], str | None] = {}
+    for message in messages:
+        for segment in message.segments:
+            rows[("segment", str(segment["id"]))] = segment.get("name")
+        for name in message.attributes:
+            rows.setdefault(("attribute", name), None)
+        for name in message.account:
+            rows.setdefault(("attribute", f"account.{name}"), None)
+        for event in message.events:
+            rows.setdefault(("event", event.name), None)
+    return [
+        {"kind": kind, "key": key, "label": label}
+        for (kind, key), label in sorted(rows.items())
+        if len(key) <= MAX_KEY_LENGTH
+    ]
+
+
+async def record_catalog(session: AsyncSession, messages: list[UserMessage]) -> None:
+    rows = catalog_rows(messages)
+    if not rows:
+        return
+    now = utcnow()
+    for row in rows:
+        row["last_seen_at"] = now
+    insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+    statement = insert(CatalogEntry).values(rows)
+    statement = statement.on_conflict_do_update(
+        index_elements=["kind", "key"],
+        set_={"label": statement.excluded.label, "last_seen_at": statement.excluded.last_seen_at},
+    )
+    await session.execute(statement)
