@@ -6,11 +6,11 @@ from typing import Any
 
 from aiohttp import web
 from marshmallow import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import select
 
+from connector import stats
 from connector.appkeys import (
     config_key,
-    credentials_key,
     scheduler_key,
     sessionmaker_key,
     settings_key,
@@ -18,22 +18,11 @@ from connector.appkeys import (
     webhook_gate_key,
 )
 from connector.auth import require_admin
-from connector.db.models import CatalogEntry, TrackedEvent, User, UserEvent, WebhookDelivery
+from connector.db.models import TrackedEvent, User, UserEvent
 from connector.inbound.gate import webhook_url
 from connector.responses import json_error, json_response, read_json
+from connector.settings_changes import save_settings
 
-# Changing any of these changes what users should look like in Customer.io.
-MAPPING_KEYS = frozenset(
-    {
-        "synchronized_segments",
-        "synchronized_attributes",
-        "user_id_mapping",
-        "events_filter",
-        "anonymous_events",
-        "enable_user_deletion",
-    }
-)
-CREDENTIAL_KEYS = frozenset({"site_id", "api_key", "region"})
 RECENT_EVENTS = 50
 MAX_USERS_LISTED = 100
 DEFAULT_EVENTS_PAGE = 100
@@ -49,19 +38,10 @@ async def get_settings(request: web.Request) -> web.Response:
 @require_admin
 async def patch_settings(request: web.Request) -> web.Response:
     patch = await read_json(request)
-    store = request.app[settings_key]
-    before = await store.load()
     try:
-        after = await store.update(patch)
+        after = await save_settings(request.app, patch)
     except ValidationError as exc:
         return json_response({"errors": exc.messages}, status=400)
-    changed = {key for key, value in after.to_dict().items() if before.to_dict()[key] != value}
-    if changed & CREDENTIAL_KEYS:
-        await request.app[credentials_key].record("unknown", "credentials changed")
-    if changed & MAPPING_KEYS:
-        await request.app[sync_key].repository.mark_all_pending(full=False)
-    if changed & (MAPPING_KEYS | CREDENTIAL_KEYS):
-        request.app[scheduler_key].trigger_sync()
     return json_response(after.masked())
 
 
@@ -206,35 +186,7 @@ async def list_events(request: web.Request) -> web.Response:
 async def inbound_stats(request: web.Request) -> web.Response:
     """Webhooks by delivery status, tracked events by name, unmatched events, the last arrival."""
     async with request.app[sessionmaker_key]() as session:
-        by_status = dict(
-            (
-                await session.execute(
-                    select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
-                )
-            ).all()
-        )
-        by_name = dict(
-            (
-                await session.execute(
-                    select(TrackedEvent.name, func.count())
-                    .group_by(TrackedEvent.name)
-                    .order_by(TrackedEvent.name)
-                )
-            ).all()
-        )
-        unmatched = await session.scalar(select(func.count()).where(TrackedEvent.user_id.is_(None)))
-        last = await session.scalar(select(func.max(WebhookDelivery.received_at)))
-    return json_response(
-        {
-            "deliveries": by_status,
-            "events": by_name,
-            "unmatched": unmatched or 0,
-            "last_received_at": last,
-        }
-    )
-
-
-PAGE_EVENT = "page"
+        return json_response(await stats.inbound_stats(session))
 
 
 @require_admin
@@ -244,21 +196,7 @@ async def catalog(request: web.Request) -> web.Response:
     ``page`` is always offered among the events: it turns on page views.
     """
     async with request.app[sessionmaker_key]() as session:
-        entries = (
-            await session.scalars(
-                select(CatalogEntry).order_by(CatalogEntry.kind, CatalogEntry.key)
-            )
-        ).all()
-    events = sorted({e.key for e in entries if e.kind == "event"} | {PAGE_EVENT})
-    return json_response(
-        {
-            "segments": [
-                {"id": e.key, "name": e.label or e.key} for e in entries if e.kind == "segment"
-            ],
-            "attributes": [e.key for e in entries if e.kind == "attribute"],
-            "events": events,
-        }
-    )
+        return json_response(await stats.catalog(session))
 
 
 @require_admin

@@ -8,10 +8,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from connector import api, health
+from connector.admin import setup_admin
 from connector.appkeys import (
     config_key,
+    credential_checker_key,
     credentials_key,
     engine_key,
+    forwarding_key,
     inbound_processor_key,
     inbox_key,
     kv_key,
@@ -24,6 +27,7 @@ from connector.appkeys import (
     webhook_gate_key,
 )
 from connector.config import Config
+from connector.credential_check import CredentialChecker
 from connector.inbound import webhook
 from connector.inbound.inbox import InboxWriter
 from connector.metrics import Metrics
@@ -49,10 +53,12 @@ def _runtime_context(config: Config, sender_factory: SenderFactory | None):
             app[kv_key] = rt.kv
             app[settings_key] = rt.settings
             app[credentials_key] = rt.credentials
+            app[credential_checker_key] = CredentialChecker(config, rt.settings, rt.credentials)
             app[secrets_key] = rt.secrets
             app[sync_key] = rt.sync
             app[webhook_gate_key] = rt.gate
             app[inbound_processor_key] = rt.processor
+            app[forwarding_key] = rt.forwarding
             inbox = InboxWriter(rt.sessionmaker)
             app[inbox_key] = inbox
             inbox.start()
@@ -70,7 +76,12 @@ def _runtime_context(config: Config, sender_factory: SenderFactory | None):
 
 async def _scheduler_context(app: web.Application) -> AsyncIterator[None]:
     scheduler = Scheduler(
-        app[sync_key], app[inbound_processor_key], app[sessionmaker_key], app[config_key]
+        app[sync_key],
+        app[inbound_processor_key],
+        app[sessionmaker_key],
+        app[config_key],
+        credential_check=app[credential_checker_key].check_stored,
+        forwarding=app[forwarding_key],
     )
     app[scheduler_key] = scheduler
     scheduler.start()
@@ -107,4 +118,5 @@ def create_app(config: Config, *, sender_factory: SenderFactory | None = None) -
     notifications_http.setup_routes(app)
     webhook.setup_routes(app)
     api.setup_routes(app)
+    setup_admin(app)
     return app

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from connector.config import Config
+from connector.credential_check import CredentialChecker
 from connector.db.kv import KeyValueStore
+from connector.forwarding.outbox import ForwardingService
 from connector.inbound.gate import WebhookGate
 from connector.inbound.inbox import InboxWriter
 from connector.inbound.processor import InboundProcessor
@@ -16,6 +20,9 @@ from connector.scheduler import Scheduler
 from connector.secrets import ServiceSecrets
 from connector.settings_store import SettingsStore
 from connector.status import CredentialStatusStore
+
+if TYPE_CHECKING:
+    from connector.admin.security import AdminSessions, LoginThrottle
 
 config_key = web.AppKey("config", Config)
 engine_key = web.AppKey("engine", AsyncEngine)
@@ -30,3 +37,8 @@ scheduler_key = web.AppKey("scheduler", Scheduler)
 webhook_gate_key = web.AppKey("webhook_gate", WebhookGate)
 inbox_key = web.AppKey("inbox", InboxWriter)
 inbound_processor_key = web.AppKey("inbound_processor", InboundProcessor)
+credential_checker_key = web.AppKey("credential_checker", CredentialChecker)
+# The settings page's objects are declared by name only: connector.admin imports this module.
+admin_sessions_key: web.AppKey[AdminSessions] = web.AppKey("admin_sessions")
+login_throttle_key: web.AppKey[LoginThrottle] = web.AppKey("login_throttle")
+forwarding_key = web.AppKey("forwarding", ForwardingService)

@@ -1,4 +1,5 @@
-"""Who may call what: the platform's bearer token and the admin's HTTP Basic credentials."""
+"""Who may call what: the platform's bearer token, the admin's HTTP Basic credentials or the
+settings page's session."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from connector.admin.security import CSRF_HEADER, SAFE_METHODS, admin_session, csrf_valid
 from connector.appkeys import config_key, secrets_key
 from connector.responses import json_error
 
@@ -50,11 +52,21 @@ def is_admin(request: web.Request) -> bool:
 
 
 def require_admin(handler: Handler) -> Handler:
+    """HTTP Basic for scripts, or the settings page's session; through the session a call
+    that changes something must carry the page's CSRF token in ``X-CSRF-Token``."""
+
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        if not is_admin(request):
+        if is_admin(request):
+            return await handler(request)
+        session = admin_session(request)
+        if session is None:
             response = json_error(401, "admin credentials required")
             response.headers["WWW-Authenticate"] = 'Basic realm="connector"'
             return response
+        if request.method not in SAFE_METHODS and not csrf_valid(
+            session, request.headers.get(CSRF_HEADER)
+        ):
+            return json_error(403, f"missing or wrong {CSRF_HEADER} header")
         return await handler(request)
 
     return wrapped

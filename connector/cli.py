@@ -96,6 +96,7 @@ def serve(ctx: click.Context) -> None:
     setup_logging()
     url = f"http://{config.server.host}:{config.server.port}"
     click.echo(f"Connector listening on {url} (status: {url}/status, admin API: {url}/api/)")
+    click.echo(f"Settings page: {url}/admin (user 'admin', password security.admin_password)")
     try:
         web.run_app(
             create_app(config),

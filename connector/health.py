@@ -12,10 +12,10 @@ from connector.appkeys import (
     sessionmaker_key,
     settings_key,
 )
-from connector.db.models import SyncRun, User
+from connector.db.models import User
 from connector.metrics import CONTENT_TYPE
 from connector.responses import json_error, json_response
-from connector.status import compute_status
+from connector.stats import service_status
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -32,19 +32,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    settings = await request.app[settings_key].load()
-    credentials = await request.app[credentials_key].get()
-    async with request.app[sessionmaker_key]() as session:
-        last_error = await session.scalar(
-            select(SyncRun.error)
-            .where(SyncRun.finished_at.is_not(None), SyncRun.dry_run.is_(False))
-            .order_by(SyncRun.id.desc())
-            .limit(1)
-        )
-        failed = await session.scalar(
-            select(func.count()).where(User.sync_status == "failed", User.pending.is_(False))
-        )
-    return json_response(compute_status(settings, credentials, last_error, failed or 0).as_dict())
+    current = await service_status(
+        request.app[sessionmaker_key], request.app[settings_key], request.app[credentials_key]
+    )
+    return json_response(current.as_dict())
 
 
 async def metrics(request: web.Request) -> web.Response:

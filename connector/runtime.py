@@ -15,6 +15,7 @@ from connector.config import Config
 from connector.db import migrate
 from connector.db.engine import is_sqlite, make_engine, make_sessionmaker
 from connector.db.kv import KeyValueStore
+from connector.forwarding.outbox import ForwardingService
 from connector.inbound.gate import WebhookGate
 from connector.inbound.processor import InboundProcessor
 from connector.metrics import Metrics
@@ -45,6 +46,7 @@ class Runtime:
     sync: SyncService
     gate: WebhookGate
     processor: InboundProcessor
+    forwarding: ForwardingService
 
 
 def instance_id() -> str:
@@ -103,7 +105,10 @@ async def open_runtime(
         gate = WebhookGate(kv, settings)
         await gate.refresh()
         processor = InboundProcessor(sessionmaker, settings, metrics, config.sync.lease_seconds)
-        yield Runtime(
+        forwarding = ForwardingService(
+            sessionmaker, settings, config.sync, metrics, repository.instance_id
+        )
+        runtime = Runtime(
             config=config,
             engine=engine,
             sessionmaker=sessionmaker,
@@ -115,6 +120,11 @@ async def open_runtime(
             sync=sync,
             gate=gate,
             processor=processor,
+            forwarding=forwarding,
         )
+        try:
+            yield runtime
+        finally:
+            await forwarding.close()
     finally:
         await engine.dispose()

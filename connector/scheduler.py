@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from connector.config import Config
+from connector.forwarding.outbox import ForwardingService
 from connector.inbound.processor import InboundProcessor
 from connector.inbound.retention import purge_deliveries
 from connector.outbound.service import SyncService
@@ -22,6 +24,10 @@ SYNC_JOB_ID = "outbound-sync"
 # (a restart, another instance's expired claim).
 INBOUND_SWEEP_SECONDS = 15
 RETENTION_PURGE_SECONDS = 3600
+# Forwarded events reach the destination within this, without coupling the processor to it.
+FORWARD_FLUSH_SECONDS = 2
+# Credentials revoked in Customer.io show on /status within half an hour, even with no traffic.
+CREDENTIAL_CHECK_SECONDS = 30 * 60
 # Notifications usually come in bursts; a short delay lets one pass take the whole burst.
 TRIGGER_DELAY_SECONDS = 0.2
 
@@ -33,8 +39,13 @@ class Scheduler:
         processor: InboundProcessor,
         sessionmaker: async_sessionmaker,
         config: Config,
+        *,
+        credential_check: Callable[[], Awaitable[object]] | None = None,
+        forwarding: ForwardingService | None = None,
     ):
         self._sync = sync_service
+        self._forwarding = forwarding
+        self._credential_check = credential_check
         self._processor = processor
         self._sessionmaker = sessionmaker
         self._config = config.sync
@@ -55,6 +66,24 @@ class Scheduler:
             id="retention-purge",
             max_instances=1,
         )
+        if self._credential_check is not None:
+            self._scheduler.add_job(
+                self._check_credentials,
+                "interval",
+                seconds=CREDENTIAL_CHECK_SECONDS,
+                id="credential-check",
+                max_instances=1,
+                coalesce=True,
+            )
+        if self._forwarding is not None:
+            self._scheduler.add_job(
+                self._flush_forwarding,
+                "interval",
+                seconds=FORWARD_FLUSH_SECONDS,
+                id="forward-flush",
+                max_instances=1,
+                coalesce=True,
+            )
         if self._config.scheduled:
             self._add_sync_job()
         self._scheduler.start()
@@ -81,6 +110,14 @@ class Scheduler:
         if self._job is not None and not self._job.done():
             await asyncio.shield(self._job)
 
+    async def _flush_forwarding(self) -> None:
+        if self._stopping:
+            return
+        try:
+            await self._forwarding.flush()
+        except Exception:
+            log.exception("forwarding flush failed")
+
     async def _purge(self) -> None:
         try:
             purged = await purge_deliveries(self._sessionmaker, self._retention_days)
@@ -89,6 +126,13 @@ class Scheduler:
             return
         if purged:
             log.info("purged old webhook deliveries", extra={"deliveries": purged})
+
+    async def _check_credentials(self) -> None:
+        assert self._credential_check is not None
+        try:
+            await self._credential_check()
+        except Exception:
+            log.exception("checking the Customer.io credentials failed")
 
     def trigger_sync(self) -> None:
         """Ask for a pass within about a second, besides the schedule."""

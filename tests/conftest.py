@@ -30,7 +30,7 @@ from connector.db.models import Base
 if TYPE_CHECKING:
     from .fake_customerio import FakeCustomerIO
 
-pytest_plugins = ["tests.fake_customerio"]
+pytest_plugins = ["tests.fake_customerio", "tests.fake_segment"]
 
 POSTGRES_ENV = "CONNECTOR_TEST_POSTGRES_URL"
 REQUIRE_POSTGRES_ENV = "CONNECTOR_TEST_REQUIRE_POSTGRES"

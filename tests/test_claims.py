@@ -44,3 +44,16 @@ async def test_claims_expired_lease_is_taken_over(make_config, fake_cio):
         await asyncio.sleep(1.1)
         assert (await survivor.sync.run_once("test")).sent == 1
     assert len(fake_cio.requests_for("PUT")) == 1
+
+
+async def test_claims_never_exceed_the_batch_size(make_config, fake_cio):
+    config = make_config()
+    async with open_runtime(config) as runtime:
+        parsed = parse_notification(
+            notification(*(message(f"u{i}", external_id=f"ext-{i}") for i in range(300)))
+        )
+        await store_messages(runtime.sessionmaker, parsed.messages, via_batch=False)
+        sizes = []
+        while batch := await runtime.sync.repository.claim(100):
+            sizes.append(len(batch))
+    assert sizes == [100, 100, 100]

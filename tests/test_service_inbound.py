@@ -16,6 +16,7 @@ import pytest
 from connector.inbound.signing import WebhookVerifier
 
 from .conftest import ADMIN, INGEST
+from .fake_segment import WRITE_KEY as FORWARD_WRITE_KEY
 from .helpers import message, notification
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -365,3 +366,27 @@ async def test_inbound_other_methods_get_405(start_app):
         resp = await client.request(method, path)
         assert resp.status == 405
         assert "error" in await resp.json()
+
+
+async def test_inbound_events_are_forwarded_to_a_segment_destination(start_app, fake_segment):
+    client = await start_app()
+    await configure(
+        client,
+        forward_url=fake_segment.url,
+        forward_write_key=FORWARD_WRITE_KEY,
+        forward_event_prefix="customerio:",
+    )
+    path = await webhook_path(client)
+    await post_webhook(client, path, fixture("email_clicked.json"))
+    for _ in range(100):
+        if fake_segment.messages():
+            break
+        await asyncio.sleep(0.05)
+    (call,) = fake_segment.messages()
+    assert call["type"] == "track"
+    assert call["event"] == "customerio:Email Link Clicked"
+    assert call["messageId"] == "01E4C8BES5XT87ZWRJFTB35YJ3"
+    assert call["userId"] == "1"
+    assert call["properties"]["href"] == "https://example.com/pricing"
+    assert call["context"]["integration"] == {"name": "customerio"}
+    assert call["timestamp"] == "2020-03-26T20:25:48Z"

@@ -24,6 +24,12 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
         kwargs.setdefault("pool_pre_ping", True)
         return create_async_engine(url, **kwargs)
 
+    # One connection per process: transactions of this process queue for it in order, instead
+    # of contending for SQLite's write lock and sleeping in its busy handler (which starves
+    # the webhook inbox behind a long processing transaction). Other processes, such as
+    # `connector sync --once` beside `serve`, still wait for the lock with the busy timeout.
+    kwargs.setdefault("pool_size", 1)
+    kwargs.setdefault("max_overflow", 0)
     engine = create_async_engine(url, **kwargs)
 
     @event.listens_for(engine.sync_engine, "connect")

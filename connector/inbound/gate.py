@@ -7,6 +7,7 @@ another instance within that time.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ class GateState:
 
 
 async def ensure_webhook_token(kv: KeyValueStore) -> str:
-    return await kv.put_if_absent(WEBHOOK_TOKEN_KEY, new_token())
+    """The stored token; generated and stored the first time."""
+    return await kv.get(WEBHOOK_TOKEN_KEY) or await kv.put_if_absent(WEBHOOK_TOKEN_KEY, new_token())
 
 
 class WebhookGate:
@@ -40,10 +42,17 @@ class WebhookGate:
         self._clock = clock
         self._state: GateState | None = None
         self._loaded_at = 0.0
+        self._refreshing = asyncio.Lock()
 
     async def current(self) -> GateState:
-        if self._state is None or self._clock() - self._loaded_at > REFRESH_SECONDS:
-            await self.refresh()
+        """The cached state; one request refreshes it when stale while the others go on."""
+        stale = self._state is None or self._clock() - self._loaded_at > REFRESH_SECONDS
+        if stale and not self._refreshing.locked():
+            async with self._refreshing:
+                await self.refresh()
+        elif self._state is None:
+            async with self._refreshing:
+                pass
         assert self._state is not None
         return self._state
 

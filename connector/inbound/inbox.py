@@ -88,13 +88,17 @@ class InboxWriter:
             }
             for item in first.values()
         ]
+        table = WebhookDelivery.__table__
         async with self._sessionmaker() as session, session.begin():
             insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+            # The rows go as parameters of one cached statement (SQLAlchemy's "insertmanyvalues"
+            # batches them), not into a VALUES list compiled afresh for every group size; and
+            # through the Core table, so the ORM's bulk-insert machinery is skipped.
             result = await session.execute(
-                insert(WebhookDelivery)
-                .values(rows)
+                insert(table)
                 .on_conflict_do_nothing(index_elements=["event_id"])
-                .returning(WebhookDelivery.event_id)
+                .returning(table.c.event_id),
+                rows,
             )
             stored = {row[0] for row in result}
         return [first[event_id] for event_id in stored]

@@ -30,7 +30,8 @@ from connector.settings_store import SettingsStore
 
 log = logging.getLogger("connector.inbound")
 
-BATCH_SIZE = 200
+# Short transactions: on SQLite the webhook inbox waits for the connection meanwhile.
+BATCH_SIZE = 50
 
 
 @dataclass
@@ -54,13 +55,11 @@ class InboundProcessor:
         settings: SettingsStore,
         metrics: Metrics,
         lease_seconds: float,
-        on_forward: callable | None = None,
     ):
         self._sessionmaker = sessionmaker
         self._settings = settings
         self._metrics = metrics
         self._lease = timedelta(seconds=lease_seconds)
-        self._on_forward = on_forward
         self._wakeup = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
@@ -99,16 +98,19 @@ class InboundProcessor:
     async def _claim(self) -> list[int]:
         now = utcnow()
         async with self._sessionmaker() as session, session.begin():
+            # MATERIALIZED: see OutboundRepository.claim.
             due = (
                 select(WebhookDelivery.id)
                 .where(_claimable(now))
                 .order_by(WebhookDelivery.id)
                 .limit(BATCH_SIZE)
                 .with_for_update(skip_locked=True)
+                .cte("due")
+                .prefix_with("MATERIALIZED", dialect="postgresql")
             )
             result = await session.execute(
                 update(WebhookDelivery)
-                .where(WebhookDelivery.id.in_(due.scalar_subquery()), _claimable(now))
+                .where(WebhookDelivery.id.in_(select(due.c.id)), _claimable(now))
                 .values(claimed_until=now + self._lease)
                 .returning(WebhookDelivery.id)
                 .execution_options(synchronize_session=False)
@@ -118,7 +120,6 @@ class InboundProcessor:
     async def _process(self, ids: list[int], summary: ProcessSummary) -> None:
         settings = await self._settings.load()
         allowed = set(settings.incoming_metrics) if settings.incoming_metrics is not None else None
-        forwarded = False
         async with self._sessionmaker() as session, session.begin():
             deliveries = (
                 await session.scalars(
@@ -130,10 +131,7 @@ class InboundProcessor:
             for delivery in deliveries:
                 outcome = await self._process_one(session, delivery, settings, allowed)
                 setattr(summary, outcome, getattr(summary, outcome) + 1)
-                forwarded |= outcome in ("processed", "unmatched") and bool(settings.forward_url)
                 self._metrics.webhooks.labels(outcome, delivery.event_name or "").inc()
-        if forwarded and self._on_forward is not None:
-            self._on_forward()
 
     async def _process_one(
         self,

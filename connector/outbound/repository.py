@@ -91,16 +91,20 @@ class OutboundRepository:
         """
         now = utcnow()
         async with self._sessionmaker() as session, session.begin():
+            # MATERIALIZED: PostgreSQL may otherwise run the locking subquery again for the
+            # update, and each run skips the rows the previous one took, overshooting ``limit``.
             due = (
                 select(User.id)
                 .where(_claimable(now, due_by))
                 .order_by(User.pending_since, User.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
+                .cte("due")
+                .prefix_with("MATERIALIZED", dialect="postgresql")
             )
             claimed = await session.execute(
                 update(User)
-                .where(User.id.in_(due.scalar_subquery()), _claimable(now, due_by))
+                .where(User.id.in_(select(due.c.id)), _claimable(now, due_by))
                 .values(claimed_by=self.instance_id, claimed_until=now + self._lease)
                 .returning(User.id)
                 .execution_options(synchronize_session=False)

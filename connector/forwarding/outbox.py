@@ -1,0 +1,395 @@
+"""Delivering the forwarding outbox to the Segment-compatible destination (SPEC §7).
+
+Tracked events wait in ``forward_outbox`` as Segment-spec ``track`` calls. A flush claims the
+due ones (conditional updates, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, each claim a lease),
+posts them as ``{"batch": [...]}`` with the write key as the Basic-auth user name, and writes
+the outcome back: ``sent``, set back for a retry with backoff (429, 5xx, no answer), or
+``failed`` (any other answer, or too many attempts). Several instances flushing one database
+split the work and never send a message twice.
+
+Neither the write key nor the payloads are ever logged or stored in an error: a reason is the
+HTTP status and a short, sanitised excerpt of the destination's answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import aiohttp
+from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from connector.config import SyncConfig
+from connector.db.models import ForwardMessage
+from connector.db.types import utcnow
+from connector.metrics import Metrics
+from connector.outbound.operations import SendOutcome
+from connector.outbound.retry import backoff_delay, classify_status, gives_up
+from connector.settings import ConnectorSettings
+from connector.settings_store import SettingsStore
+
+log = logging.getLogger("connector.forwarding")
+
+# Segment's batch endpoint takes up to 500 KB per request and 32 KB per call, and answers 400
+# to the whole batch when either is exceeded. 100 calls keep a batch of ordinary events far
+# below that; the byte cap (with headroom for the envelope) covers events with big properties.
+BATCH_SIZE = 100
+MAX_BATCH_BYTES = 450_000
+MAX_MESSAGE_BYTES = 32 * 1024
+# A batch request either lands within seconds or the destination is in trouble: retry later.
+REQUEST_TIMEOUT_SECONDS = 10.0
+QUEUE = "forward_outbox"
+MAX_REASON_CHARS = 200
+# Error answers are short; never read a large echo of the batch to build a reason.
+_MAX_ANSWER_BYTES = 4096
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]+")
+_REDACTED = "[redacted]"
+
+
+@dataclass
+class FlushSummary:
+    """What one flush did, counted in messages (``batches`` counts requests)."""
+
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+    batches: int = 0
+    error: str | None = None
+    """The last reason a message was not sent in this flush."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ClaimedMessage:
+    id: int
+    attempts: int
+    encoded: bytes
+    """The call as compact JSON, exactly as it goes into the batch."""
+    lease: datetime
+    """The ``claimed_until`` this claim set: results are written only while it holds."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    outcome: SendOutcome
+    status: int | None
+    """The HTTP status, ``None`` when no answer came."""
+    reason: str | None = None
+
+
+def encode_message(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def batch_body(encoded: Iterable[bytes], sent_at: datetime) -> bytes:
+    """The request body: ``{"batch": [...], "sentAt": ...}`` built from already encoded calls."""
+    stamp = sent_at.isoformat().replace("+00:00", "Z")
+    return b'{"batch":[' + b",".join(encoded) + b'],"sentAt":' + json.dumps(stamp).encode() + b"}"
+
+
+def pack_batches(
+    messages: list[ClaimedMessage],
+    max_count: int = BATCH_SIZE,
+    max_bytes: int = MAX_BATCH_BYTES,
+) -> list[list[ClaimedMessage]]:
+    """Split messages, in order, into batches of at most ``max_count`` calls and
+    ``max_bytes`` of encoded calls (separators included)."""
+    batches: list[list[ClaimedMessage]] = []
+    current: list[ClaimedMessage] = []
+    size = 0
+    for message in messages:
+        added = len(message.encoded) + (1 if current else 0)
+        if current and (len(current) >= max_count or size + added > max_bytes):
+            batches.append(current)
+            current, size, added = [], 0, len(message.encoded)
+        current.append(message)
+        size += added
+    if current:
+        batches.append(current)
+    return batches
+
+
+def basic_token(write_key: str) -> str:
+    """The Basic-auth credentials: the write key as user name, an empty password."""
+    return base64.b64encode(f"{write_key}:".encode()).decode("ascii")
+
+
+def answer_excerpt(answer: bytes, write_key: str) -> str:
+    """A short, single-line excerpt of the destination's answer, without the write key."""
+    text = answer.decode("utf-8", errors="replace")
+    if write_key:
+        text = text.replace(basic_token(write_key), _REDACTED).replace(write_key, _REDACTED)
+    text = _CONTROL_CHARS.sub(" ", text).strip()
+    if len(text) > MAX_REASON_CHARS:
+        return text[: MAX_REASON_CHARS - 1] + "…"
+    return text
+
+
+class SegmentClient:
+    """Posts batches to a Segment-compatible endpoint over one shared ``aiohttp`` session."""
+
+    def __init__(self, timeout_seconds: float = REQUEST_TIMEOUT_SECONDS):
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def send_batch(self, url: str, write_key: str, body: bytes) -> BatchResult:
+        """Post one batch; 2xx is OK, 429/5xx and no answer RETRY, anything else FAIL."""
+        headers = {"Content-Type": "application/json"}
+        if write_key:
+            headers["Authorization"] = f"Basic {basic_token(write_key)}"
+        try:
+            async with self._client().post(
+                url,
+                data=body,
+                headers=headers,
+                # A redirect would carry the write key elsewhere; report it instead.
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+                outcome = classify_status(status)
+                if outcome is SendOutcome.OK:
+                    return BatchResult(outcome, status)
+                excerpt = answer_excerpt(await response.content.read(_MAX_ANSWER_BYTES), write_key)
+        except TimeoutError:
+            return BatchResult(SendOutcome.RETRY, None, "timeout")
+        except aiohttp.ClientError as exc:
+            return BatchResult(SendOutcome.RETRY, None, f"connection error ({type(exc).__name__})")
+        if outcome is SendOutcome.UNAUTHORIZED:
+            # A wrong write key is the destination refusing the batch, not a reason to retry.
+            outcome = SendOutcome.FAIL
+        reason = f"HTTP {status}: {excerpt}" if excerpt else f"HTTP {status}"
+        return BatchResult(outcome, status, reason)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _claimable(now: datetime, due_by: datetime) -> Any:
+    return and_(
+        ForwardMessage.status == "pending",
+        ForwardMessage.next_attempt_at <= due_by,
+        or_(ForwardMessage.claimed_until.is_(None), ForwardMessage.claimed_until < now),
+    )
+
+
+_outbox = ForwardMessage.__table__
+# One statement for every outcome, executed once per message of a batch (executemany), and
+# only while the claim still holds: a message whose lease ran out belongs to its new claimant.
+_WRITE_RESULT = (
+    update(_outbox)
+    .where(
+        _outbox.c.id == bindparam("message_id"),
+        _outbox.c.status == "pending",
+        _outbox.c.claimed_until == bindparam("lease"),
+    )
+    .values(
+        status=bindparam("new_status"),
+        attempts=bindparam("new_attempts"),
+        next_attempt_at=bindparam("retry_at"),
+        last_error=bindparam("reason"),
+        sent_at=bindparam("sent"),
+        claimed_until=None,
+    )
+)
+
+
+class ForwardOutbox:
+    """The ``forward_outbox`` table as a work queue: claims with leases, and results."""
+
+    def __init__(self, sessionmaker: async_sessionmaker, lease_seconds: float):
+        self._sessionmaker = sessionmaker
+        self._lease = timedelta(seconds=lease_seconds)
+
+    async def claim(self, limit: int, due_by: datetime) -> list[ClaimedMessage]:
+        """Lease up to ``limit`` pending messages due by ``due_by``, oldest due first."""
+        now = utcnow()
+        lease = now + self._lease
+        async with self._sessionmaker() as session, session.begin():
+            # MATERIALIZED: PostgreSQL may otherwise run the locking subquery again for the
+            # update, and each run skips the rows the previous one took, overshooting ``limit``.
+            due = (
+                select(ForwardMessage.id)
+                .where(_claimable(now, due_by))
+                .order_by(ForwardMessage.next_attempt_at, ForwardMessage.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+                .cte("due")
+                .prefix_with("MATERIALIZED", dialect="postgresql")
+            )
+            rows = await session.execute(
+                update(ForwardMessage)
+                .where(ForwardMessage.id.in_(select(due.c.id)), _claimable(now, due_by))
+                .values(claimed_until=lease)
+                .returning(ForwardMessage.id, ForwardMessage.attempts, ForwardMessage.payload)
+                .execution_options(synchronize_session=False)
+            )
+            claimed = [
+                ClaimedMessage(
+                    id=id_, attempts=attempts, encoded=encode_message(payload), lease=lease
+                )
+                for id_, attempts, payload in rows
+            ]
+        return sorted(claimed, key=lambda message: message.id)
+
+    async def release(self, messages: list[ClaimedMessage]) -> None:
+        """Give claimed messages back untouched (the flush stopped before sending them)."""
+        if not messages:
+            return
+        async with self._sessionmaker() as session, session.begin():
+            for lease, ids in _by_lease(messages).items():
+                await session.execute(
+                    update(ForwardMessage)
+                    .where(ForwardMessage.id.in_(ids), ForwardMessage.claimed_until == lease)
+                    .values(claimed_until=None)
+                )
+
+    async def write_results(self, results: list[dict[str, Any]]) -> None:
+        """Store outcomes: dicts with the bind parameters of :data:`_WRITE_RESULT`."""
+        if results:
+            async with self._sessionmaker() as session, session.begin():
+                await session.execute(_WRITE_RESULT, results)
+
+    async def count_pending(self) -> int:
+        async with self._sessionmaker() as session:
+            query = select(func.count()).where(ForwardMessage.status == "pending")
+            return await session.scalar(query) or 0
+
+
+def _by_lease(messages: list[ClaimedMessage]) -> dict[datetime, list[int]]:
+    grouped: dict[datetime, list[int]] = {}
+    for message in messages:
+        grouped.setdefault(message.lease, []).append(message.id)
+    return grouped
+
+
+class ForwardingService:
+    """Flushes the outbox to ``forward_url``; one instance per process, closed on shutdown."""
+
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker,
+        settings: SettingsStore,
+        sync_config: SyncConfig,
+        metrics: Metrics,
+        instance_id: str,
+    ):
+        self._settings = settings
+        self._config = sync_config
+        self._metrics = metrics
+        self.instance_id = instance_id
+        self.outbox = ForwardOutbox(sessionmaker, sync_config.lease_seconds)
+        self.client = SegmentClient()
+
+    async def flush(self) -> FlushSummary:
+        """Send every message due when the flush starts; without ``forward_url``, nothing.
+
+        Messages set back for a retry wait for a later flush. When the destination asks for
+        a retry (429, 5xx, no answer) the flush stops there: it is busy or down, and the
+        remaining messages stay pending, their attempts untouched.
+        """
+        summary = FlushSummary()
+        settings = await self._settings.load()
+        if settings.forward_url:
+            started = utcnow()
+            while await self._flush_claim(settings, started, summary):
+                pass
+        self._metrics.queue_depth.labels(QUEUE).set(await self.outbox.count_pending())
+        return summary
+
+    async def _flush_claim(
+        self, settings: ConnectorSettings, started: datetime, summary: FlushSummary
+    ) -> bool:
+        """Claim and send one claim's worth of messages; False once the flush should stop."""
+        claimed = await self.outbox.claim(BATCH_SIZE, due_by=started)
+        if not claimed:
+            return False
+        oversized = [m for m in claimed if len(m.encoded) > MAX_MESSAGE_BYTES]
+        if oversized:
+            reason = f"message larger than the {MAX_MESSAGE_BYTES // 1024} KB a call may have"
+            await self._finish(oversized, BatchResult(SendOutcome.FAIL, None, reason), summary)
+        batches = pack_batches([m for m in claimed if len(m.encoded) <= MAX_MESSAGE_BYTES])
+        for position, batch in enumerate(batches):
+            body = batch_body((m.encoded for m in batch), utcnow())
+            result = await self.client.send_batch(
+                settings.forward_url, settings.forward_write_key, body
+            )
+            summary.batches += 1
+            self._metrics.forward_requests.labels(str(result.status or 0)).inc()
+            await self._finish(batch, result, summary)
+            if result.outcome is SendOutcome.RETRY:
+                await self.outbox.release([m for later in batches[position + 1 :] for m in later])
+                return False
+        return True
+
+    async def _finish(
+        self, batch: list[ClaimedMessage], result: BatchResult, summary: FlushSummary
+    ) -> None:
+        now = utcnow()
+        results: list[dict[str, Any]] = []
+        counts = {"sent": 0, "retrying": 0, "failed": 0}
+        for message in batch:
+            attempts = message.attempts + 1
+            status, retry_at, reason = "failed", now, result.reason
+            if result.outcome is SendOutcome.OK:
+                status = "sent"
+            elif result.outcome is SendOutcome.RETRY:
+                if gives_up(attempts, self._config.max_attempts):
+                    reason = f"gave up after {attempts} attempts: {result.reason}"
+                else:
+                    status = "pending"
+                    delay = backoff_delay(
+                        attempts,
+                        self._config.backoff_base_seconds,
+                        self._config.backoff_max_seconds,
+                    )
+                    retry_at = now + timedelta(seconds=delay)
+            counts["retrying" if status == "pending" else status] += 1
+            results.append(
+                {
+                    "message_id": message.id,
+                    "lease": message.lease,
+                    "new_status": status,
+                    "new_attempts": attempts,
+                    "retry_at": retry_at,
+                    "reason": reason,
+                    "sent": now if status == "sent" else None,
+                }
+            )
+        await self.outbox.write_results(results)
+        for outcome, count in counts.items():
+            setattr(summary, outcome, getattr(summary, outcome) + count)
+            if count:
+                self._metrics.forwarded.labels(outcome).inc(count)
+        if result.reason:
+            summary.error = result.reason
+        log.info(
+            "forward batch",
+            extra={
+                "operation": "forward",
+                "instance": self.instance_id,
+                "messages": len(batch),
+                "status": result.status,
+                "reason": result.reason,
+                **counts,
+            },
+        )
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,400 @@
+"""The ``connector`` command end to end, each call a real subprocess.
+
+The settings TOML each test writes points at the test database (SQLite, then PostgreSQL) and
+at the fake Customer.io. The fake serves on this test's event loop, so the CLI is awaited with
+``asyncio.create_subprocess_exec``; a blocking ``subprocess.run`` would starve the fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from connector.config import load_config
+from connector.db import migrate
+from connector.db.models import User
+from connector.runtime import open_runtime
+
+from .conftest import ADMIN_PASSWORD, INGEST_TOKEN
+from .helpers import event, message
+
+EXAMPLE_SETTINGS = Path(__file__).resolve().parent.parent / "settings.example.toml"
+CLI_TIMEOUT_SECONDS = 60
+SUMMARY = re.compile(r"sent (\d+), skipped (\d+), deleted (\d+), failed (\d+)")
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    # JSON strings and lists of strings are valid TOML too.
+    return json.dumps(value)
+
+
+def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def settings_file(tmp_path: Path, db_url: str, fake_cio):
+    """Write ``settings.toml`` on the test database and the fake; ``connector=`` overrides."""
+
+    def write(**connector: Any) -> Path:
+        seed: dict[str, Any] = {
+            "site_id": fake_cio.site_id,
+            "api_key": fake_cio.api_key,
+            "synchronized_segments": ["seg-paying"],
+            "synchronized_attributes": ["first_name", "plan"],
+            "events_filter": ["Signed Up"],
+        }
+        seed.update(connector)
+        seed = {key: value for key, value in seed.items() if value is not None}
+        return write_toml(
+            tmp_path / "settings.toml",
+            {
+                "database": {"url": db_url},
+                "security": {"admin_password": ADMIN_PASSWORD, "ingest_token": INGEST_TOKEN},
+                "customerio": {"track_host": fake_cio.host, "ca_file": fake_cio.ca_file},
+                "sync": {"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05},
+                "connector": seed,
+            },
+        )
+
+    return write
+
+
+async def run_cli(config: Path, *args: str, cwd: Path | None = None) -> CliResult:
+    """``python -m connector --config CONFIG ARGS`` in a clean environment, awaited."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONNECTOR_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "connector",
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=cwd or config.parent,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_SECONDS)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    return CliResult(process.returncode, stdout.decode(), stderr.decode())
+
+
+def write_jsonl(path: Path, lines: list[Any]) -> Path:
+    """One line per item: dicts as JSON, strings as they are (for malformed lines)."""
+    text = "\n".join(item if isinstance(item, str) else json.dumps(item) for item in lines)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+async def stored_users(config_path: Path) -> dict[str, User]:
+    config = load_config(config_path, environ={})
+    async with open_runtime(config) as runtime, runtime.sessionmaker() as session:
+        users = (await session.scalars(select(User))).all()
+    return {user.id: user for user in users}
+
+
+def summary_counts(stdout: str) -> tuple[int, int, int, int]:
+    match = SUMMARY.search(stdout)
+    assert match, stdout
+    sent, skipped, deleted, failed = (int(n) for n in match.groups())
+    return sent, skipped, deleted, failed
+
+
+GOOD_USERS = [
+    message("u1", external_id="ext-1", email="ana@example.com", first_name="Ana", plan="pro"),
+    message(
+        "u2",
+        external_id="ext-2",
+        email="bo@example.com",
+        first_name="Bo",
+        events=[event("ev-1", "Signed Up", properties={"plan": "free"})],
+    ),
+    message("u3", external_id="ext-3", email="cy@example.com", first_name="Cy"),
+]
+
+
+async def import_good_users(settings: Path, tmp_path: Path) -> None:
+    result = await run_cli(settings, "import", str(write_jsonl(tmp_path / "ok.jsonl", GOOD_USERS)))
+    assert result.code == 0, result.stderr
+
+
+# -- init and configuration --------------------------------------------------------------
+
+
+async def test_cli_init_writes_settings_with_a_generated_password(tmp_path):
+    target = tmp_path / "settings.toml"
+    result = await run_cli(target, "init")
+    assert result.code == 0, result.stderr
+    text = target.read_text(encoding="utf-8")
+    (password,) = re.findall(r'^admin_password = "(.+)"$', text, re.MULTILINE)
+    assert len(password) >= 16
+    assert password in result.stdout
+    # Only the generated secrets differ from the example; everything else is copied as is.
+    example = EXAMPLE_SETTINGS.read_text(encoding="utf-8").splitlines()
+    written = text.splitlines()
+    assert len(written) == len(example)
+    differing = [(a, b) for a, b in zip(example, written, strict=True) if a != b]
+    assert ('admin_password = ""', f'admin_password = "{password}"') in differing
+    assert all(re.match(r"#?\s*(admin_password|ingest_token) = ", a) for a, _ in differing)
+    config = load_config(target, environ={})
+    assert config.security.admin_password == password
+    if config.security.ingest_token:
+        assert config.security.ingest_token in result.stdout
+
+
+async def test_cli_init_leaves_an_existing_file_alone(tmp_path):
+    target = tmp_path / "settings.toml"
+    target.write_text("# mine\n", encoding="utf-8")
+    result = await run_cli(target, "init")
+    assert result.code == 0
+    assert "exists" in result.stdout
+    assert target.read_text(encoding="utf-8") == "# mine\n"
+
+
+async def test_cli_init_passwords_differ_between_files(tmp_path):
+    first, second = tmp_path / "a.toml", tmp_path / "b.toml"
+    await run_cli(first, "init")
+    await run_cli(second, "init")
+    assert load_config(first, environ={}).security.admin_password != (
+        load_config(second, environ={}).security.admin_password
+    )
+
+
+async def test_cli_invalid_config_exits_2_naming_every_bad_key(tmp_path):
+    config = write_toml(
+        tmp_path / "settings.toml",
+        {
+            "server": {"port": 70000},
+            "database": {"url": "mysql://db/connector"},
+            "security": {"admin_password": "short"},
+            "customerio": {"track_host": "https://track.customer.io/"},
+            "sync": {"concurrency": 0, "no_such_key": 1},
+            "connector": {"region": "mars", "max_attributes_per_call": 301},
+        },
+    )
+    result = await run_cli(config, "migrate")
+    assert result.code == 2
+    for key in (
+        "server.port",
+        "database.url",
+        "security.admin_password",
+        "customerio.track_host",
+        "sync.concurrency",
+        "sync.no_such_key",
+        "connector.region",
+        "connector.max_attributes_per_call",
+    ):
+        assert key in result.stderr, key
+    assert "Traceback" not in result.stderr
+
+
+async def test_cli_config_without_admin_password_exits_2(tmp_path):
+    config = write_toml(tmp_path / "settings.toml", {"server": {"port": 8081}})
+    result = await run_cli(config, "sync", "--dry-run")
+    assert result.code == 2
+    assert "security" in result.stderr
+
+
+async def test_cli_unreadable_toml_exits_2(tmp_path):
+    config = tmp_path / "settings.toml"
+    config.write_text("[server\nport = ", encoding="utf-8")
+    result = await run_cli(config, "migrate")
+    assert result.code == 2
+    assert str(config) in result.stderr
+
+
+async def test_cli_missing_config_file_exits_2(tmp_path):
+    result = await run_cli(tmp_path / "nowhere.toml", "migrate")
+    assert result.code == 2
+    assert "no such file" in result.stderr
+
+
+# -- migrate and import ------------------------------------------------------------------
+
+
+async def test_cli_migrate_prints_the_revision(settings_file):
+    result = await run_cli(settings_file(), "migrate")
+    assert result.code == 0, result.stderr
+    assert f"revision {migrate.head_revision()}" in result.stdout
+
+
+async def test_cli_migrate_creates_a_fresh_sqlite_database(tmp_path):
+    database = tmp_path / "fresh.db"
+    config = write_toml(
+        tmp_path / "settings.toml",
+        {
+            "database": {"url": f"sqlite+aiosqlite:///{database}"},
+            "security": {"admin_password": ADMIN_PASSWORD},
+        },
+    )
+    result = await run_cli(config, "migrate")
+    assert result.code == 0, result.stderr
+    assert database.exists()
+    assert await stored_users(config) == {}
+
+
+async def test_cli_import_stores_good_lines_and_reports_bad_ones(settings_file, tmp_path):
+    settings = settings_file()
+    users = write_jsonl(
+        tmp_path / "users.jsonl",
+        [
+            GOOD_USERS[0],
+            '{"user": {"id": "u-broken", ',
+            GOOD_USERS[1],
+            {"user": {"first_name": "Nobody"}},
+            "",
+            GOOD_USERS[2],
+            {"user": {"id": "u9"}, "events": "Signed Up"},
+        ],
+    )
+    result = await run_cli(settings, "import", str(users))
+    assert result.code == 1
+    assert "3 users stored" in result.stdout
+    assert "3 lines rejected" in result.stdout
+    rejected = {
+        int(m.group(1)): m.group(2) for m in re.finditer(r"^line (\d+): (.*)$", result.stderr, re.M)
+    }
+    assert sorted(rejected) == [2, 4, 7]
+    assert "malformed JSON" in rejected[2]
+    assert "'id', 'external_id' and 'email'" in rejected[4]
+    assert "'events'" in rejected[7]
+
+    stored = await stored_users(settings)
+    assert sorted(stored) == ["u1", "u2", "u3"]
+    assert all(user.pending for user in stored.values())
+    assert stored["u1"].attributes["plan"] == "pro"
+
+
+async def test_cli_import_of_an_all_good_file_exits_0(settings_file, tmp_path):
+    settings = settings_file()
+    users = write_jsonl(tmp_path / "users.jsonl", GOOD_USERS)
+    result = await run_cli(settings, "import", str(users))
+    assert result.code == 0, result.stderr
+    assert "3 users stored and marked pending, 0 lines rejected" in result.stdout
+    assert sorted(await stored_users(settings)) == ["u1", "u2", "u3"]
+
+
+async def test_cli_import_treats_lines_like_batch_and_ignores_segments(
+    settings_file, tmp_path, fake_cio
+):
+    settings = settings_file()
+    outsider = message("u4", external_id="ext-4", segments=("seg-other",))
+    await run_cli(settings, "import", str(write_jsonl(tmp_path / "u.jsonl", [outsider])))
+    result = await run_cli(settings, "sync", "--once")
+    assert result.code == 0, result.stderr
+    assert summary_counts(result.stdout)[0] == 1
+    assert "ext-4" in fake_cio.customers
+
+
+# -- sync --------------------------------------------------------------------------------
+
+
+async def test_cli_sync_dry_run_prints_the_plan_and_sends_nothing(
+    settings_file, tmp_path, fake_cio
+):
+    settings = settings_file()
+    await import_good_users(settings, tmp_path)
+    result = await run_cli(settings, "sync", "--dry-run")
+    assert result.code == 0, result.stderr
+    out = result.stdout
+    assert "user u1: send" in out
+    assert re.search(r"identify ext-1: \d+ attributes \(.*first_name.*plan.*\)", out)
+    assert "event 'Signed Up' for ext-2" in out
+    assert "3 pending users" in out
+    assert "nothing was sent" in out
+    assert fake_cio.requests == []
+    assert all(user.pending for user in (await stored_users(settings)).values())
+
+
+async def test_cli_sync_once_sends_the_imported_users(settings_file, tmp_path, fake_cio):
+    settings = settings_file()
+    await import_good_users(settings, tmp_path)
+    result = await run_cli(settings, "sync", "--once")
+    assert result.code == 0, result.stderr
+    assert summary_counts(result.stdout) == (3, 0, 0, 0)
+    assert "1 events" in result.stdout
+    assert sorted(fake_cio.customers) == ["ext-1", "ext-2", "ext-3"]
+    assert fake_cio.customers["ext-1"]["plan"] == "pro"
+    assert [(e["customer_id"], e["name"]) for e in fake_cio.events] == [("ext-2", "Signed Up")]
+    stored = await stored_users(settings)
+    assert not any(user.pending for user in stored.values())
+    assert {user.sync_status for user in stored.values()} == {"synced"}
+
+    again = await run_cli(settings, "sync", "--once")
+    assert again.code == 0, again.stderr
+    assert summary_counts(again.stdout) == (0, 0, 0, 0)
+    assert len(fake_cio.requests_for("PUT")) == 3
+
+
+async def test_cli_sync_once_full_sends_every_attribute_again(settings_file, tmp_path, fake_cio):
+    settings = settings_file()
+    await import_good_users(settings, tmp_path)
+    first = await run_cli(settings, "sync", "--once")
+    assert first.code == 0, first.stderr
+    first_bodies = {r.path: r.body for r in fake_cio.requests_for("PUT")}
+
+    fake_cio.reset()
+    result = await run_cli(settings, "sync", "--once", "--full")
+    assert result.code == 0, result.stderr
+    assert summary_counts(result.stdout)[0] == 3
+    again = {r.path: r.body for r in fake_cio.requests_for("PUT")}
+    assert again == first_bodies
+    assert set(again["/api/v1/customers/ext-1"]) >= {
+        "email",
+        "created_at",
+        "hull_segments",
+        "first_name",
+        "plan",
+    }
+    # Events already sent are not sent again by a full pass.
+    assert fake_cio.requests_for("POST") == []
+
+
+async def test_cli_sync_once_with_wrong_credentials_fails(settings_file, tmp_path, fake_cio):
+    settings = settings_file(api_key="not-the-right-key")
+    await import_good_users(settings, tmp_path)
+    result = await run_cli(settings, "sync", "--once")
+    assert result.code != 0
+    assert "Invalid credentials" in result.stderr
+    assert fake_cio.customers == {}
+    assert all(user.pending for user in (await stored_users(settings)).values())
+
+
+async def test_cli_sync_once_without_credentials_fails(settings_file, tmp_path, fake_cio):
+    settings = settings_file(site_id=None, api_key=None)
+    await import_good_users(settings, tmp_path)
+    result = await run_cli(settings, "sync", "--once")
+    assert result.code != 0
+    assert "not set" in result.stderr
+    assert fake_cio.requests == []
