@@ -51,7 +51,7 @@ async def start_sync(request: web.Request) -> web.Response:
         full = request.query.get("full", "").lower() in ("1", "true", "yes")
         summary = await request.app[sync_key].run_once("api", full=full)
         return json_response(summary.as_dict())
-    request.app[scheduler_key].trigger_sync()
+    request.app[scheduler_key].start_pass()
     return json_response({"started": True}, status=202)
 
 

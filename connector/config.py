@@ -113,13 +113,19 @@ class DatabaseSchema(_SectionSchema):
     )
 
 
+def _empty_or_long(value: str) -> None:
+    if value and len(value) < 16:
+        raise ValidationError("must be empty (generated) or at least 16 characters")
+
+
 class SecuritySchema(_SectionSchema):
     dataclass = SecurityConfig
     admin_password = fields.String(
         required=True, validate=validate.Length(min=8, error="must be at least 8 characters")
     )
-    secret_key = fields.String(validate=validate.Length(min=16))
-    ingest_token = fields.String(validate=validate.Length(min=16))
+    # Empty means "generate one on first start and keep it in the database".
+    secret_key = fields.String(validate=_empty_or_long)
+    ingest_token = fields.String(validate=_empty_or_long)
 
 
 class CustomerioSchema(_SectionSchema):

@@ -53,6 +53,7 @@ class Scheduler:
         self._scheduler = AsyncIOScheduler()
         self._rerun = False
         self._job: asyncio.Task | None = None
+        self._manual: asyncio.Task | None = None
         self._stopping = False
 
     def start(self) -> None:
@@ -146,6 +147,17 @@ class Scheduler:
             soon = datetime.now().astimezone() + timedelta(seconds=TRIGGER_DELAY_SECONDS)
             if job.next_run_time is None or job.next_run_time > soon:
                 job.modify(next_run_time=soon)
+
+    def start_pass(self) -> None:
+        """A pass on request (``POST /api/sync``), even when ``sync.scheduled`` is off."""
+        if self._config.scheduled and self._scheduler.running:
+            self.trigger_sync()
+            return
+        if self._sync.running:
+            self._rerun = True
+            return
+        if not self._stopping:
+            self._manual = asyncio.create_task(self._sync_job(), name="sync-on-request")
 
     async def _sync_job(self) -> None:
         self._job = asyncio.current_task()

@@ -91,3 +91,11 @@ def test_config_broken_toml_is_an_error(tmp_path):
     path.write_text("[security\n")
     with pytest.raises(ConfigError):
         load_config(path, {})
+
+
+@pytest.mark.parametrize("key", ["secret_key", "ingest_token"])
+def test_config_empty_generated_secret_means_generate(key):
+    config = parse_config({"security": {"admin_password": "long-enough", key: ""}})
+    assert getattr(config.security, key) == ""
+    with pytest.raises(ConfigError, match=f"security.{key}"):
+        parse_config({"security": {"admin_password": "long-enough", key: "short"}})

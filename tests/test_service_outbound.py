@@ -435,3 +435,15 @@ async def test_catalog_lists_what_the_platform_sent(start_app):
         catalog["attributes"]
     )
     assert catalog["events"] == ["Signed Up", "Upgraded", "page"]
+
+
+async def test_outbound_api_sync_starts_a_pass_when_the_schedule_is_off(start_app, fake_cio):
+    client = await start_app()
+    await notify(client, message())
+    resp = await client.post("/api/sync", headers=ADMIN)
+    assert resp.status == 202
+    for _ in range(40):
+        if fake_cio.requests:
+            break
+        await asyncio.sleep(0.05)
+    assert len(identify_bodies(fake_cio, "ext-1")) == 1
