@@ -37,7 +37,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -52,6 +51,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support import free_port, scratch_database  # noqa: E402
+from tests.support import stop_process as stop  # noqa: E402
+
 FIXTURES = REPO / "tests" / "fixtures"
 # The fixtures that are Customer.io reporting webhooks (the others are platform notifications).
 WEBHOOK_FIXTURES = (
@@ -109,12 +113,6 @@ async def _ok() -> Any:
 # -- processes -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 def http_get(url: str, auth: tuple[str, str] | None = None, timeout: float = 5) -> bytes:
     request = urllib.request.Request(url)
     if auth is not None:
@@ -134,17 +132,6 @@ def wait_healthy(base_url: str, process: subprocess.Popen, log_file: Path) -> No
             return
         time.sleep(0.1)
     raise RuntimeError(f"{base_url} did not answer /healthz within {STARTUP_SECONDS:g} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -227,36 +214,6 @@ def start_service(workdir: Path, database_url: str, label: str) -> Server:
 
 
 # -- the database ----------------------------------------------------------------------------
-
-
-async def _admin_execute(server_url: str, statement: str) -> None:
-    from sqlalchemy import text
-
-    from connector.db.engine import make_engine
-
-    engine = make_engine(server_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
-@contextlib.contextmanager
-def scratch_database(server_url: str | None, workdir: Path) -> Iterator[str]:
-    """A fresh SQLite file, or a database of its own on the PostgreSQL server (dropped after)."""
-    if not server_url:
-        yield f"sqlite+aiosqlite:///{workdir / 'bench.db'}"
-        return
-    from sqlalchemy.engine import make_url
-
-    name = f"connector_bench_{uuid.uuid4().hex[:10]}"
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    asyncio.run(_admin_execute(server_url, f'CREATE DATABASE "{name}"'))
-    try:
-        yield url
-    finally:
-        asyncio.run(_admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def _sqlite_path(database_url: str) -> str:
@@ -846,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.use_wrk:
                 # The service cannot beat the bare handler: a pool for its rate is enough.
                 pool = min(pool, int(bare.rate * args.duration * 1.5) + 1000)
-        with scratch_database(args.database_url, workdir) as database_url:
+        with scratch_database(args.database_url, workdir / "bench.db") as database_url:
             service = start_service(workdir, database_url, "service")
             try:
                 print("full speed against the service …", file=sys.stderr)

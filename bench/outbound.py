@@ -32,7 +32,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +40,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support import scratch_database  # noqa: E402
+
 FAKE_SCRIPT = REPO / "tests" / "fake_customerio.py"
 # The fake's default workspace credentials: any others get a 401.
 FAKE_SITE_ID = "fake-site-id"
@@ -473,39 +476,6 @@ def fake_track_api(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[st
             process.wait()
 
 
-async def _admin_execute(server_url: str, statement: str) -> None:
-    from sqlalchemy import text
-
-    from connector.db.engine import make_engine
-
-    engine = make_engine(server_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
-@contextlib.contextmanager
-def scratch_database(server_url: str | None, workdir: Path, label: str) -> Iterator[str]:
-    """A fresh SQLite file, or a database of its own on the PostgreSQL server (dropped after)."""
-    if not server_url:
-        yield f"sqlite+aiosqlite:///{workdir / label}.db"
-        return
-    from sqlalchemy.engine import make_url
-
-    from connector.db import migrate
-
-    name = f"connector_bench_{uuid.uuid4().hex[:10]}"
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    asyncio.run(_admin_execute(server_url, f'CREATE DATABASE "{name}"'))
-    try:
-        asyncio.run(migrate.upgrade(url))
-        yield url
-    finally:
-        asyncio.run(_admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 def run_child(kind: str, job: Job, workdir: Path) -> dict[str, Any]:
     stem = workdir / f"{kind}-{job.users}"
     job_file, result_file = stem.with_suffix(".job.json"), stem.with_suffix(".result.json")
@@ -747,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
                 baseline = run_child("baseline", job(1), workdir)
             runs = []
             for users in sizes:
-                with scratch_database(args.database_url, workdir, f"bench-{users}") as url:
+                with scratch_database(args.database_url, workdir / f"bench-{users}.db") as url:
                     load = run_child("load", job(users, url), workdir)
                     # A fresh fake bucket: the baseline's last second must not eat the sync's.
                     fake_control(track_host, ca_file, "POST", "reset")

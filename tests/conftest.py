@@ -8,24 +8,23 @@ end). Without that variable the PostgreSQL runs are skipped, unless
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import contextlib
 import os
 import shutil
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from connector.app import create_app
 from connector.config import Config, parse_config
 from connector.db import migrate
 from connector.db.engine import make_engine
 from connector.db.models import Base
+
+from .support import run_blocking, scratch_postgres_database
 
 if TYPE_CHECKING:
     from .fake_customerio import FakeCustomerIO
@@ -38,23 +37,8 @@ ADMIN_PASSWORD = "test-admin-password"
 INGEST_TOKEN = "test-ingest-token-0123456789"
 
 
-def _blocking(coroutine: Any) -> Any:
-    """Run a coroutine to the end from synchronous code, even inside a running event loop."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
-
-
 def _postgres_required() -> bool:
     return os.environ.get(REQUIRE_POSTGRES_ENV, "") not in ("", "0", "false")
-
-
-async def _admin_execute(server_url: str, statement: str) -> None:
-    engine = make_engine(server_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(text(statement))
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -66,24 +50,19 @@ def postgres_database() -> Iterator[str]:
         if _postgres_required():
             pytest.fail(message)
         pytest.skip(message)
-    name = f"connector_test_{uuid.uuid4().hex[:10]}"
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        _blocking(_admin_execute(server_url, f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        pytest.fail(f"cannot create a PostgreSQL test database on {POSTGRES_ENV}: {exc}")
-    try:
-        _blocking(migrate.upgrade(url))
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(scratch_postgres_database(server_url, "connector_test"))
+        except Exception as exc:
+            pytest.fail(f"cannot create a PostgreSQL test database on {POSTGRES_ENV}: {exc}")
         yield url
-    finally:
-        _blocking(_admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A migrated SQLite file that each test copies, so migrations run once per session."""
     path = tmp_path_factory.mktemp("template") / "template.db"
-    _blocking(migrate.upgrade(f"sqlite+aiosqlite:///{path}"))
+    run_blocking(migrate.upgrade(f"sqlite+aiosqlite:///{path}"))
     return str(path)
 
 

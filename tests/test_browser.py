@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 
 from .helpers import message, notification
+from .support import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -69,25 +69,9 @@ class Service:
             return resp.status, json.loads(resp.read() or b"null")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _child_env() -> dict[str, str]:
     # The service must read only the test's TOML, not the suite's CONNECTOR_* variables.
     return {k: v for k, v in os.environ.items() if not k.startswith("CONNECTOR_")}
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +88,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         ready = fake.stdout.readline().split()
         assert ready[:1] == ["ready"], f"fake Customer.io did not start: {ready}"
         fake_host, ca_file = ready[1], ready[2]
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         config = tmp / "settings.toml"
         config.write_text(
@@ -156,10 +140,10 @@ site_id = "fake-site-id"
                     time.sleep(0.1)
             yield Service(url=url, fake_host=fake_host)
         finally:
-            _stop(server)
+            stop_process(server)
             log.close()
     finally:
-        _stop(fake)
+        stop_process(fake)
         fake.stdout.close()
 
 
