@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 CODE := connector tests migrations $(wildcard bench)
 
-.PHONY: run test lint format bench clean
+.PHONY: run test lint format bench screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ lint: $(TEST_STAMP)
 format: $(TEST_STAMP)
 	$(BIN)/ruff format $(CODE)
 	$(BIN)/ruff check --fix $(CODE)
+
+screenshots: $(TEST_STAMP)
+	CONNECTOR_UPDATE_SCREENSHOTS=1 $(BIN)/pytest tests/test_browser.py
 
 bench: $(TEST_STAMP)
 	$(BIN)/python bench/outbound.py

@@ -4,7 +4,8 @@ The service (``python -m connector serve``) runs on a free port with SQLite in a
 directory and talks to the fake Customer.io, also in its own process. Needs Debian's
 Chromium at /usr/bin/chromium (Playwright's own browser downloads are not used); without it
 the tests are skipped, unless ``CONNECTOR_TEST_REQUIRE_BROWSER=1`` (set by .ci/run) turns the
-skip into a failure. The tests also refresh the screenshots in docs/screenshots/.
+skip into a failure. With ``CONNECTOR_UPDATE_SCREENSHOTS=1`` (``make screenshots``) they also
+refresh the screenshots in docs/screenshots/; otherwise they take them into a temporary folder.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .support import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -176,6 +177,14 @@ def page(browser, service: Service) -> Iterator[Any]:
     context.close()
 
 
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    """Where screenshots go: the docs when asked to update them, else a temporary folder."""
+    if os.environ.get("CONNECTOR_UPDATE_SCREENSHOTS") == "1":
+        return DOCS_SCREENSHOTS
+    return tmp_path
+
+
 def log_in(page: Any, password: str = PASSWORD) -> None:
     page.goto("/admin")
     assert page.url.endswith("/admin/login")
@@ -259,7 +268,7 @@ def test_browser_shows_a_validation_error_next_to_its_field(page):
     assert page.input_value("#site_id") == "fake-site-id"
 
 
-def test_browser_copies_and_rotates_the_webhook_url(page, service: Service):
+def test_browser_copies_and_rotates_the_webhook_url(page, service: Service, screenshots: Path):
     logged_in(page)
     url = page.input_value("#webhook-url")
     assert url.startswith(f"{service.url}/webhook?conf=")
@@ -272,7 +281,7 @@ def test_browser_copies_and_rotates_the_webhook_url(page, service: Service):
     page.wait_for_selector("#flash")
     rotated = page.input_value("#webhook-url")
     assert rotated != url and rotated.startswith(f"{service.url}/webhook?conf=")
-    page.locator("#incoming").screenshot(path=str(SCREENSHOTS / "webhook-url.png"))
+    page.locator("#incoming").screenshot(path=str(screenshots / "webhook-url.png"))
 
 
 def test_browser_runs_the_connection_test_against_the_fake(page):
@@ -305,7 +314,9 @@ def _wait_for_count(page: Any, element_id: str, expected: int) -> None:
         time.sleep(0.3)
 
 
-def test_browser_status_counts_change_after_a_sync_and_a_webhook(page, service: Service):
+def test_browser_status_counts_change_after_a_sync_and_a_webhook(
+    page, service: Service, screenshots: Path
+):
     logged_in(page)
     page.fill("#api_key", API_KEY)
     page.check("#field-synchronized_segments input[value=seg-paying]")
@@ -332,4 +343,4 @@ def test_browser_status_counts_change_after_a_sync_and_a_webhook(page, service: 
     assert "Customer Subscription Preferences Changed" in events
     assert page.inner_text("#webhook-last") != "never"
 
-    page.screenshot(path=str(SCREENSHOTS / "settings-page.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "settings-page.png"), full_page=True)
