@@ -1,18 +1,22 @@
 """One outbound pass: claim pending users, plan each one, send, and write the outcome back.
 
 Users are worked on ``sync.concurrency`` at a time; each user's calls go out in order
-(identify chunks, then events), and the sender paces all of them with the rate limit.
+(identify chunks, then events), and the sender paces all of them with the rate limit. The next
+batch is claimed while the last users of the current one are still being sent, and finished
+users are written back many to a transaction (:class:`_WriteBack`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from connector.config import SyncConfig
@@ -37,6 +41,11 @@ log = logging.getLogger("connector.outbound")
 
 INVALID_CREDENTIALS = "Invalid credentials"
 MISSING_CREDENTIALS = "Customer.io site id and API key are not set"
+
+# The write-back commits at most this many users at once, and a finished user waits at most
+# this long for others to share its transaction (a pass's last ones are committed at once).
+MAX_WRITE_GROUP = 200
+MAX_WRITE_DELAY = 0.5
 
 
 @dataclass
@@ -126,48 +135,61 @@ class SyncEngine:
         *,
         progress: ProgressCallback | None = None,
     ) -> SyncSummary:
-        """Work off every due pending user; stops early (and says so) on a 401."""
+        """Work off every due pending user; stops early (and says so) on a 401.
+
+        Returns once every outcome of the pass is committed: the summary counts only what
+        the database holds.
+        """
         summary = SyncSummary()
         stop = asyncio.Event()
-        started = utcnow()
-        while not stop.is_set():
-            batch = await self._repository.claim(self._config.claim_batch_size, due_by=started)
-            if not batch:
-                break
-            await self._run_batch(batch, settings, sender, summary, stop, progress)
-        if stop.is_set():
-            summary.error = INVALID_CREDENTIALS
-        return summary
+        feed = _ClaimFeed(
+            self._repository,
+            self._config.claim_batch_size,
+            due_by=utcnow(),
+            low_water=self._config.concurrency,
+            stop=stop,
+        )
 
-    async def _run_batch(
-        self,
-        batch: list[ClaimedUser],
-        settings: ConnectorSettings,
-        sender: Sender,
-        summary: SyncSummary,
-        stop: asyncio.Event,
-        progress: ProgressCallback | None,
-    ) -> None:
-        queue: asyncio.Queue[ClaimedUser] = asyncio.Queue()
-        for claimed in batch:
-            queue.put_nowait(claimed)
+        def written(group: list[_Done]) -> None:
+            for done in group:
+                self._count(done.plan, done.outcome, done.retry_at is not None, summary)
+                if progress is not None:
+                    progress(done.plan, done.outcome)
+
+        writer = _WriteBack(self._repository, written)
         untouched: list[str] = []
 
         async def worker() -> None:
-            while not queue.empty():
-                claimed = queue.get_nowait()
-                if stop.is_set():
+            while not (stop.is_set() or writer.failed):
+                claimed = await feed.next()
+                if claimed is None:
+                    return
+                if stop.is_set() or writer.failed:
                     untouched.append(claimed.snapshot.id)
-                    continue
+                    return
                 plan = plan_user(claimed.snapshot, settings)
                 outcome = await self._execute(plan, sender, stop)
-                await self._finish(claimed, plan, outcome, summary)
-                if progress is not None:
-                    progress(plan, outcome)
+                writer.put(_Done(claimed, plan, outcome, self._retry_at(claimed, outcome)))
 
-        workers = min(self._config.concurrency, len(batch))
-        await asyncio.gather(*(worker() for _ in range(workers)))
-        await self._repository.release(untouched)
+        workers = [asyncio.create_task(worker()) for _ in range(self._config.concurrency)]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise
+        finally:
+            # Users claimed but never reached go back untouched; every outcome is committed
+            # (or the write-back's error raised) before the pass returns.
+            untouched.extend(claimed.snapshot.id for claimed in await feed.close())
+            await writer.close()
+            await self._repository.release(untouched)
+        if writer.error is not None:
+            raise writer.error
+        if stop.is_set():
+            summary.error = INVALID_CREDENTIALS
+        return summary
 
     async def _execute(self, plan: UserPlan, sender: Sender, stop: asyncio.Event) -> UserOutcome:
         outcome = UserOutcome(
@@ -221,25 +243,18 @@ class SyncEngine:
             outcome.full_hash = attributes_hash(plan.attributes)
         return outcome
 
-    async def _finish(
-        self,
-        claimed: ClaimedUser,
-        plan: UserPlan,
-        outcome: UserOutcome,
-        summary: SyncSummary,
-    ) -> None:
-        retry_at = None
-        if outcome.status == "retry":
-            attempts = claimed.attempts + 1
-            if gives_up(attempts, self._config.max_attempts):
-                outcome.reason = f"gave up after {attempts} attempts: {outcome.reason}"
-            else:
-                delay = backoff_delay(
-                    attempts, self._config.backoff_base_seconds, self._config.backoff_max_seconds
-                )
-                retry_at = utcnow() + timedelta(seconds=delay)
-        await self._repository.finish(claimed, outcome, retry_at)
-        self._count(plan, outcome, retry_at is not None, summary)
+    def _retry_at(self, claimed: ClaimedUser, outcome: UserOutcome) -> datetime | None:
+        """When a ``retry`` outcome may be tried again; None when it gives up (or is no retry)."""
+        if outcome.status != "retry":
+            return None
+        attempts = claimed.attempts + 1
+        if gives_up(attempts, self._config.max_attempts):
+            outcome.reason = f"gave up after {attempts} attempts: {outcome.reason}"
+            return None
+        delay = backoff_delay(
+            attempts, self._config.backoff_base_seconds, self._config.backoff_max_seconds
+        )
+        return utcnow() + timedelta(seconds=delay)
 
     def _count(
         self, plan: UserPlan, outcome: UserOutcome, will_retry: bool, summary: SyncSummary
@@ -273,3 +288,148 @@ class SyncEngine:
                 "events_sent": events_sent,
             },
         )
+
+
+@dataclass(eq=False)
+class _Done:
+    """A user the pass is through with, waiting for the write-back."""
+
+    claimed: ClaimedUser
+    plan: UserPlan
+    outcome: UserOutcome
+    retry_at: datetime | None
+
+
+class _ClaimFeed:
+    """The claimed users of one pass, handed to its workers one at a time.
+
+    When no more than ``low_water`` are left, the next batch is claimed in the background, so
+    the workers never wait for a claim while the last users of a batch are being sent. Every
+    claim takes only users due by ``due_by`` (when the pass started); none is made once
+    ``stop`` is set.
+    """
+
+    def __init__(
+        self,
+        repository: OutboundRepository,
+        batch_size: int,
+        *,
+        due_by: datetime,
+        low_water: int,
+        stop: asyncio.Event,
+    ):
+        self._repository = repository
+        self._batch_size = batch_size
+        self._due_by = due_by
+        self._low_water = low_water
+        self._stop = stop
+        self._users: deque[ClaimedUser] = deque()
+        self._claiming: asyncio.Task[None] | None = None
+        self._exhausted = False
+        self._error: BaseException | None = None
+
+    async def next(self) -> ClaimedUser | None:
+        """The next claimed user; None when nothing due is left (or the pass stopped)."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if (
+                self._claiming is None
+                and not self._exhausted
+                and not self._stop.is_set()
+                and len(self._users) <= self._low_water
+            ):
+                self._claiming = asyncio.create_task(self._claim(), name="outbound-claim")
+            if self._users:
+                return self._users.popleft()
+            if self._claiming is None:
+                return None
+            # Shielded: a worker cancelled while waiting must not cancel the claim.
+            await asyncio.shield(self._claiming)
+
+    async def _claim(self) -> None:
+        try:
+            batch = await self._repository.claim(self._batch_size, due_by=self._due_by)
+        except Exception as exc:
+            self._error = exc
+            return
+        finally:
+            self._claiming = None
+        if not batch:
+            self._exhausted = True
+        self._users.extend(batch)
+
+    async def close(self) -> list[ClaimedUser]:
+        """Stop claiming; the users claimed and not handed out (a claim under way included)."""
+        self._exhausted = True
+        if self._claiming is not None:
+            await asyncio.shield(self._claiming)
+        users = list(self._users)
+        self._users.clear()
+        return users
+
+
+class _WriteBack:
+    """Writes the users a pass is through with, many to a transaction (a group commit).
+
+    A group is what has queued by the time the previous commit ends, topped up for at most
+    ``MAX_WRITE_DELAY`` seconds (or until ``MAX_WRITE_GROUP`` are waiting): at the pace of the
+    rate limit a few users finish per commit, and each transaction carries a fixed cost.
+    ``written`` is called with each group once it is committed. The first error stops the
+    writer and is kept in ``error``.
+    """
+
+    def __init__(
+        self,
+        repository: OutboundRepository,
+        written: Callable[[list[_Done]], None],
+    ):
+        self._repository = repository
+        self._written = written
+        self._queue: list[_Done] = []
+        self._queued = asyncio.Event()
+        self._full = asyncio.Event()
+        self._closing = False
+        self.error: BaseException | None = None
+        self._task = asyncio.create_task(self._run(), name="outbound-write-back")
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def put(self, done: _Done) -> None:
+        self._queue.append(done)
+        self._queued.set()
+        if len(self._queue) >= MAX_WRITE_GROUP:
+            self._full.set()
+
+    async def close(self) -> None:
+        """Commit everything queued, then stop."""
+        self._closing = True
+        self._full.set()
+        self._queued.set()
+        await self._task
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            if not self._full.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), MAX_WRITE_DELAY)
+            group = self._queue[:MAX_WRITE_GROUP]
+            del self._queue[:MAX_WRITE_GROUP]
+            if len(self._queue) < MAX_WRITE_GROUP and not self._closing:
+                self._full.clear()
+            try:
+                await self._repository.finish_many(
+                    [(done.claimed, done.outcome, done.retry_at) for done in group]
+                )
+                self._written(group)
+            except Exception as exc:
+                self.error = exc
+                return

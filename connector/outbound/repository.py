@@ -9,12 +9,14 @@ users go when the lease runs out.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import load_only
 
 from connector.db.models import SyncRun, User, UserEvent
 from connector.db.types import utcnow
@@ -46,6 +48,50 @@ class UserOutcome:
     event_results: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     """Platform ``event_id`` → (``sent``/``skipped``/``failed``, reason)."""
     api_calls: int = 0
+
+
+Finished = tuple[ClaimedUser, UserOutcome, datetime | None]
+"""A user's claim, what the pass did for it, and when a ``retry`` may be tried again."""
+
+# What the write-back reads and writes of a user (the data the platform sent stays unloaded).
+_WRITE_BACK_COLUMNS = (
+    User.version,
+    User.pending,
+    User.pending_since,
+    User.next_attempt_at,
+    User.attempts,
+    User.claimed_by,
+    User.claimed_until,
+    User.full_sync,
+    User.via_batch,
+    User.sync_status,
+    User.skip_reason,
+    User.last_error,
+    User.attribute_errors,
+    User.cio_id,
+    User.cio_created_at,
+    User.cio_synced_at,
+    User.cio_deleted_at,
+    User.cio_hash,
+    User.sent_attributes,
+)
+
+_events = UserEvent.__table__
+_EVENT_RESULT = (
+    update(_events)
+    .where(
+        _events.c.user_id == bindparam("b_user_id"),
+        _events.c.event_id == bindparam("b_event_id"),
+    )
+    .values(
+        status=bindparam("b_status"), reason=bindparam("b_reason"), sent_at=bindparam("b_sent_at")
+    )
+)
+_FAIL_PENDING_EVENTS = (
+    update(_events)
+    .where(_events.c.user_id == bindparam("b_user_id"), _events.c.status == "pending")
+    .values(status="failed", reason=bindparam("b_reason"))
+)
 
 
 def _claimable(now: datetime, due_by: datetime | None = None) -> Any:
@@ -177,21 +223,55 @@ class OutboundRepository:
 
         ``retry_at`` is when a ``retry`` outcome may be tried again.
         """
+        await self.finish_many([(claimed, outcome, retry_at)])
+
+    async def finish_many(self, items: Sequence[Finished]) -> None:
+        """Store the outcomes of several users in one transaction (see :meth:`finish`).
+
+        The users are loaded and locked by one ``SELECT … FOR UPDATE``; every event result,
+        and every failed user's waiting events, go out as one statement each, executed for
+        many rows. A user deleted meanwhile is left out.
+        """
+        if not items:
+            return
         now = utcnow()
         async with self._sessionmaker() as session, session.begin():
-            user = await session.get(User, claimed.snapshot.id, with_for_update=True)
-            if user is None:
-                return
-            self._write_user(user, claimed, outcome, retry_at, now)
-            await self._write_events(session, user.id, outcome, now)
-            if user.sync_status == "failed" and not user.pending:
-                # A user that failed for good takes its waiting events with it.
-                await session.execute(
-                    update(UserEvent)
-                    .where(UserEvent.user_id == user.id, UserEvent.status == "pending")
-                    .values(status="failed", reason=user.last_error)
-                    .execution_options(synchronize_session=False)
+            rows = await session.scalars(
+                select(User)
+                .where(User.id.in_([claimed.snapshot.id for claimed, _, _ in items]))
+                .options(load_only(*_WRITE_BACK_COLUMNS, raiseload=True))
+                # One lock order for every writer, so two write-backs never deadlock.
+                .order_by(User.id)
+                .with_for_update()
+            )
+            users = {user.id: user for user in rows}
+            events: list[dict[str, Any]] = []
+            failed: list[dict[str, Any]] = []
+            for claimed, outcome, retry_at in items:
+                user = users.get(claimed.snapshot.id)
+                if user is None:
+                    continue
+                self._write_user(user, claimed, outcome, retry_at, now)
+                events.extend(
+                    {
+                        "b_user_id": user.id,
+                        "b_event_id": event_id,
+                        "b_status": status,
+                        "b_reason": reason,
+                        "b_sent_at": now if status == "sent" else None,
+                    }
+                    for event_id, (status, reason) in outcome.event_results.items()
                 )
+                if user.sync_status == "failed" and not user.pending:
+                    # A user that failed for good takes its waiting events with it.
+                    failed.append({"b_user_id": user.id, "b_reason": user.last_error})
+            # Core statements on the table, executed for many rows: no UserEvent is loaded in
+            # this session, so the ORM has nothing to synchronise. Event results go first, so
+            # the failed users' rule only reaches events this pass did not settle.
+            if events:
+                await session.execute(_EVENT_RESULT, events)
+            if failed:
+                await session.execute(_FAIL_PENDING_EVENTS, failed)
 
     def _write_user(
         self,
@@ -240,22 +320,6 @@ class OutboundRepository:
             user.via_batch = False
             user.full_sync = False
         user.next_attempt_at = now
-
-    async def _write_events(
-        self, session: AsyncSession, user_id: str, outcome: UserOutcome, now: datetime
-    ) -> None:
-        grouped: dict[tuple[str, str | None], list[str]] = defaultdict(list)
-        for event_id, result in outcome.event_results.items():
-            grouped[result].append(event_id)
-        for (status, reason), event_ids in grouped.items():
-            await session.execute(
-                update(UserEvent)
-                .where(UserEvent.user_id == user_id, UserEvent.event_id.in_(event_ids))
-                .values(status=status, reason=reason, sent_at=now if status == "sent" else None)
-                # No UserEvent is loaded in this session: nothing to synchronise, and the
-                # evaluation the default would do costs more than the UPDATE itself.
-                .execution_options(synchronize_session=False)
-            )
 
     async def start_run(self, trigger: str, full: bool, dry_run: bool) -> int:
         async with self._sessionmaker() as session, session.begin():
