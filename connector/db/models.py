@@ -13,6 +13,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -77,6 +78,10 @@ class User(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
     __table_args__ = (Index("ix_users_pending_next", "pending", "next_attempt_at"),)
+
+
+# Inbound webhooks find users by email case-insensitively (connector.inbound.identity).
+Index("ix_users_email_lower", func.lower(User.email))
 
 
 class UserEvent(Base):

@@ -3,6 +3,13 @@
 Deliveries are claimed from the database like outbound users are, so several instances can
 process side by side and none processes a delivery twice. A background worker wakes up when a
 webhook is stored; the scheduler's sweep picks up anything left behind (e.g. after a restart).
+
+A claimed batch is processed set-based: every delivery is parsed and mapped first (no I/O),
+then one transaction resolves the users of the whole batch (see
+:mod:`connector.inbound.identity`), inserts its tracked events and outbox messages with one
+statement each and marks the deliveries done with at most two. The receiver goes first: while
+the inbox has webhooks waiting for their commit, the next batch waits (at most
+:data:`MAX_GIVE_WAY_SECONDS`), so processing falls behind during a burst and catches up after.
 """
 
 from __future__ import annotations
@@ -11,10 +18,13 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -22,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from connector.db.models import ForwardMessage, TrackedEvent, WebhookDelivery
 from connector.db.types import utcnow
 from connector.forwarding.message import segment_track
-from connector.inbound.identity import find_or_create_user
+from connector.inbound.identity import resolve_users
 from connector.inbound.mapping import InboundEvent, InvalidWebhook, map_webhook
 from connector.metrics import Metrics
 from connector.settings import ConnectorSettings
@@ -30,8 +40,20 @@ from connector.settings_store import SettingsStore
 
 log = logging.getLogger("connector.inbound")
 
-# Short transactions: on SQLite the webhook inbox waits for the connection meanwhile.
-BATCH_SIZE = 50
+# Deliveries per transaction. On SQLite the webhook inbox waits for the connection meanwhile,
+# so a batch must stay short (a few milliseconds).
+BATCH_SIZE = 100
+# A wake-up waits this long before processing, so that one batch takes what arrives meanwhile
+# (each batch costs a few round trips to the database whatever its size).
+GATHER_SECONDS = 0.1
+# While the inbox has webhooks waiting, the next batch waits for it this long at most, so
+# processing still advances under sustained load.
+MAX_GIVE_WAY_SECONDS = 0.5
+GIVE_WAY_POLL_SECONDS = 0.002
+
+DELIVERIES = WebhookDelivery.__table__
+TRACKED = TrackedEvent.__table__
+OUTBOX = ForwardMessage.__table__
 
 
 @dataclass
@@ -42,10 +64,26 @@ class ProcessSummary:
     invalid: int = 0
 
 
+@dataclass(eq=False)
+class _Delivery:
+    id: int
+    event_id: str
+    body: str
+    received_at: datetime
+    status: str = "pending"
+    event_name: str | None = None
+    error: str | None = None
+    event: InboundEvent | None = None
+
+
 def _claimable(now: datetime):
     return (WebhookDelivery.status == "pending") & or_(
         WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now
     )
+
+
+def _insert(session: AsyncSession) -> Any:
+    return pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
 
 
 class InboundProcessor:
@@ -63,6 +101,11 @@ class InboundProcessor:
         self._wakeup = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self._receiver_busy: Callable[[], bool] | None = None
+
+    def give_way_to(self, busy: Callable[[], bool]) -> None:
+        """Hold each batch back (a bounded time) while ``busy()``: the receiver goes first."""
+        self._receiver_busy = busy
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -79,6 +122,8 @@ class InboundProcessor:
     async def _worker(self) -> None:
         while True:
             await self._wakeup.wait()
+            # Webhooks arriving meanwhile join the batch: one pass per burst, not per webhook.
+            await asyncio.sleep(GATHER_SECONDS)
             self._wakeup.clear()
             try:
                 await self.process_pending()
@@ -90,12 +135,27 @@ class InboundProcessor:
         summary = ProcessSummary()
         async with self._lock:
             while True:
+                await self._give_way()
                 claimed = await self._claim()
-                if not claimed:
+                if claimed:
+                    await self._process(claimed, summary)
+                if len(claimed) < BATCH_SIZE:
+                    # Nothing more was waiting; what arrives from now on wakes the worker.
                     return summary
-                await self._process(claimed, summary)
 
-    async def _claim(self) -> list[int]:
+    async def _give_way(self) -> None:
+        """Let the event loop serve requests, and wait while the receiver has work queued
+        (at most :data:`MAX_GIVE_WAY_SECONDS`)."""
+        await asyncio.sleep(0)
+        busy = self._receiver_busy
+        if busy is None or not busy():
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAX_GIVE_WAY_SECONDS
+        while busy() and loop.time() < deadline:
+            await asyncio.sleep(GIVE_WAY_POLL_SECONDS)
+
+    async def _claim(self) -> list[_Delivery]:
         now = utcnow()
         async with self._sessionmaker() as session, session.begin():
             # MATERIALIZED: see OutboundRepository.claim.
@@ -112,97 +172,132 @@ class InboundProcessor:
                 update(WebhookDelivery)
                 .where(WebhookDelivery.id.in_(select(due.c.id)), _claimable(now))
                 .values(claimed_until=now + self._lease)
-                .returning(WebhookDelivery.id)
+                .returning(
+                    WebhookDelivery.id,
+                    WebhookDelivery.event_id,
+                    WebhookDelivery.body,
+                    WebhookDelivery.received_at,
+                )
                 .execution_options(synchronize_session=False)
             )
-            return [row[0] for row in result]
+            claimed = [_Delivery(*row) for row in result]
+        claimed.sort(key=lambda delivery: delivery.id)
+        return claimed
 
-    async def _process(self, ids: list[int], summary: ProcessSummary) -> None:
+    async def _process(self, deliveries: list[_Delivery], summary: ProcessSummary) -> None:
         settings = await self._settings.load()
         allowed = set(settings.incoming_metrics) if settings.incoming_metrics is not None else None
+        events = [d for d in deliveries if _map(d, allowed)]
         async with self._sessionmaker() as session, session.begin():
-            deliveries = (
-                await session.scalars(
-                    select(WebhookDelivery)
-                    .where(WebhookDelivery.id.in_(ids))
-                    .order_by(WebhookDelivery.id)
-                )
-            ).all()
-            for delivery in deliveries:
-                outcome = await self._process_one(session, delivery, settings, allowed)
-                setattr(summary, outcome, getattr(summary, outcome) + 1)
-                self._metrics.webhooks.labels(outcome, delivery.event_name or "").inc()
+            if events:
+                await self._track(session, events, settings)
+            await _finish(session, deliveries)
+        counts = Counter((d.status, d.event_name or "") for d in deliveries)
+        for (outcome, name), count in counts.items():
+            setattr(summary, outcome, getattr(summary, outcome) + count)
+            self._metrics.webhooks.labels(outcome, name).inc(count)
 
-    async def _process_one(
-        self,
-        session: AsyncSession,
-        delivery: WebhookDelivery,
-        settings: ConnectorSettings,
-        allowed: set[str] | None,
-    ) -> str:
-        delivery.claimed_until = None
-        delivery.processed_at = utcnow()
-        try:
-            payload = json.loads(delivery.body)
-            payload.setdefault("event_id", delivery.event_id)
-            event = map_webhook(payload)
-        except (InvalidWebhook, ValueError, TypeError, AttributeError) as exc:
-            delivery.status = "invalid"
-            delivery.error = str(exc)[:500]
-            return "invalid"
-        delivery.event_name = event.name
-        if allowed is not None and event.metric_key not in allowed:
-            delivery.status = "ignored"
-            return "ignored"
-        user_id = None
-        if not event.identity.is_empty:
-            user = await find_or_create_user(session, event.identity, settings.user_id_mapping)
-            user_id = user.id
-        tracked_id = await _insert_tracked(session, event, user_id, delivery.received_at)
-        if tracked_id is not None and settings.forward_url:
-            session.add(
-                ForwardMessage(
-                    tracked_event_id=tracked_id,
-                    payload=segment_track(
+    async def _track(
+        self, session: AsyncSession, deliveries: list[_Delivery], settings: ConnectorSettings
+    ) -> None:
+        """Users, tracked events and outbox messages of the mapped ``deliveries``."""
+        identified = [d for d in deliveries if not d.event.identity.is_empty]
+        user_ids = await resolve_users(
+            session, [d.event.identity for d in identified], settings.user_id_mapping
+        )
+        user_of = {d.id: user_id for d, user_id in zip(identified, user_ids, strict=True)}
+        now = utcnow()
+        # The first delivery of each event id inserts it (the sequential outcome, should two
+        # deliveries of one batch carry the same event id).
+        first: dict[str, _Delivery] = {}
+        for delivery in deliveries:
+            first.setdefault(delivery.event.event_id, delivery)
+            delivery.status = "processed" if delivery.id in user_of else "unmatched"
+        rows = [
+            {
+                "event_id": event_id,
+                "user_id": user_of.get(d.id),
+                "name": d.event.name,
+                "object_type": d.event.object_type,
+                "metric": d.event.metric,
+                "properties": d.event.properties,
+                "context": d.event.context,
+                "occurred_at": d.event.occurred_at or d.received_at,
+                "customer_id": d.event.identity.customer_id,
+                "email": d.event.identity.email,
+                "cio_id": d.event.identity.cio_id,
+                "created_at": now,
+            }
+            for event_id, d in sorted(first.items())
+        ]
+        # None of the rows when the events exist already (a re-processed delivery).
+        result = await session.execute(
+            _insert(session)(TRACKED)
+            .on_conflict_do_nothing(index_elements=["event_id"])
+            .returning(TRACKED.c.id, TRACKED.c.event_id),
+            rows,
+        )
+        tracked = dict(sorted((event_id, tracked_id) for tracked_id, event_id in result))
+        if not tracked or not settings.forward_url:
+            return
+        messages = []
+        for event_id, tracked_id in tracked.items():
+            event = first[event_id].event
+            messages.append(
+                {
+                    "tracked_event_id": tracked_id,
+                    "payload": segment_track(
                         event_id=event.event_id,
                         name=event.name,
                         properties=event.properties,
-                        occurred_at=event.occurred_at or delivery.received_at,
+                        occurred_at=event.occurred_at or first[event_id].received_at,
                         customer_id=event.identity.customer_id,
                         email=event.identity.email,
                         prefix=settings.forward_event_prefix,
                     ),
-                    status="pending",
-                    attempts=0,
-                    next_attempt_at=utcnow(),
-                )
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                }
             )
-        delivery.status = "processed" if user_id else "unmatched"
-        return delivery.status
+        await session.execute(OUTBOX.insert(), messages)
 
 
-async def _insert_tracked(
-    session: AsyncSession, event: InboundEvent, user_id: str | None, received_at: datetime
-) -> int | None:
-    """Insert the tracked event once; None when it exists already (a re-processed delivery)."""
-    insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
-    result = await session.execute(
-        insert(TrackedEvent)
-        .values(
-            event_id=event.event_id,
-            user_id=user_id,
-            name=event.name,
-            object_type=event.object_type,
-            metric=event.metric,
-            properties=event.properties,
-            context=event.context,
-            occurred_at=event.occurred_at or received_at,
-            customer_id=event.identity.customer_id,
-            email=event.identity.email,
-            cio_id=event.identity.cio_id,
-            created_at=utcnow(),
+def _map(delivery: _Delivery, allowed: set[str] | None) -> bool:
+    """Parse and map ``delivery`` (no I/O); True when it becomes a tracked event, else its
+    outcome (``invalid`` or ``ignored``) is set."""
+    try:
+        payload = json.loads(delivery.body)
+        payload.setdefault("event_id", delivery.event_id)
+        event = map_webhook(payload)
+    except (InvalidWebhook, ValueError, TypeError, AttributeError) as exc:
+        delivery.status = "invalid"
+        delivery.error = str(exc)[:500]
+        return False
+    delivery.event_name = event.name
+    if allowed is not None and event.metric_key not in allowed:
+        delivery.status = "ignored"
+        return False
+    delivery.event = event
+    return True
+
+
+async def _finish(session: AsyncSession, deliveries: list[_Delivery]) -> None:
+    """Store each delivery's outcome and release its claim: one executemany UPDATE for the
+    invalid ones (with their error), one for the others (with their event name)."""
+    now = utcnow()
+    invalid = [d for d in deliveries if d.status == "invalid"]
+    mapped = [d for d in deliveries if d.status != "invalid"]
+    where = DELIVERIES.c.id == bindparam("b_id")
+    common = {"status": bindparam("b_status"), "processed_at": now, "claimed_until": None}
+    if invalid:
+        await session.execute(
+            update(DELIVERIES).where(where).values(**common, error=bindparam("b_detail")),
+            [{"b_id": d.id, "b_status": d.status, "b_detail": d.error} for d in invalid],
         )
-        .on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(TrackedEvent.id)
-    )
-    return result.scalar()
+    if mapped:
+        await session.execute(
+            update(DELIVERIES).where(where).values(**common, event_name=bindparam("b_detail")),
+            [{"b_id": d.id, "b_status": d.status, "b_detail": d.event_name} for d in mapped],
+        )

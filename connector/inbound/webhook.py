@@ -84,5 +84,12 @@ async def receive(request: web.Request) -> web.Response:
     return json_response({"ok": True})
 
 
+async def _processor_gives_way(app: web.Application) -> None:
+    # on_startup handlers run after the cleanup contexts that create the inbox and processor.
+    inbox = app[inbox_key]
+    app[inbound_processor_key].give_way_to(lambda: inbox.busy)
+
+
 def setup_routes(app: web.Application) -> None:
     app.router.add_post("/webhook", receive)
+    app.on_startup.append(_processor_gives_way)
