@@ -9,7 +9,14 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from connector.db.models import CatalogEntry, SyncRun, TrackedEvent, User, WebhookDelivery
+from connector.db.models import (
+    CatalogEntry,
+    ForwardMessage,
+    SyncRun,
+    TrackedEvent,
+    User,
+    WebhookDelivery,
+)
 from connector.settings_store import SettingsStore
 from connector.status import CredentialStatusStore, Status, compute_status
 
@@ -133,5 +140,11 @@ async def service_status(
     async with sessionmaker() as session:
         last_run = await last_finished_run(session)
         failed = await session.scalar(select(func.count()).where(_failed_for_good()))
+        forwarding_error = await session.scalar(
+            select(ForwardMessage.last_error)
+            .where(ForwardMessage.status == "pending", ForwardMessage.last_error.is_not(None))
+            .order_by(ForwardMessage.id.desc())
+            .limit(1)
+        )
     last_error = last_run.error if last_run is not None else None
-    return compute_status(current, checked, last_error, failed or 0)
+    return compute_status(current, checked, last_error, failed or 0, forwarding_error)

@@ -28,6 +28,7 @@ def compute_status(
     credentials: dict[str, Any] | None,
     last_run_error: str | None,
     failed_users: int,
+    forwarding_error: str | None = None,
 ) -> Status:
     """Missing credentials and no whitelisted segment warn; invalid credentials and failing calls
     are errors."""
@@ -43,6 +44,8 @@ def compute_status(
         errors.append(f"Last sync failed: {last_run_error}")
     if failed_users:
         errors.append(f"{failed_users} user(s) failed to sync; see GET /api/users/{{id}}")
+    if forwarding_error and settings.forward_url:
+        errors.append(f"Forwarding is failing: {forwarding_error}")
     if errors:
         return Status("error", errors + warnings)
     if warnings:

@@ -203,7 +203,7 @@ async def test_forwarding_gives_up_after_max_attempts(make_config, segment):
     assert row.last_error.startswith("gave up after 3 attempts: HTTP 503: ")
 
 
-@pytest.mark.parametrize("status", [400, 403, 404, 413])
+@pytest.mark.parametrize("status", [400, 404, 413])
 async def test_forwarding_client_error_fails_at_once_with_the_reason(runtime, segment, status):
     await point_at(runtime, segment.url)
     await add_events(runtime, 2)
@@ -219,17 +219,34 @@ async def test_forwarding_client_error_fails_at_once_with_the_reason(runtime, se
     assert sample(runtime, "connector_forwarded_messages_total", {"outcome": "failed"}) == 2
 
 
-async def test_forwarding_wrong_write_key_fails_without_showing_it(runtime, segment):
+async def test_forwarding_wrong_write_key_keeps_messages_and_stops_the_flush(runtime, segment):
     await point_at(runtime, segment.url, write_key="wrong-key")
+    await add_events(runtime, 150)
+
+    async with forwarding(runtime) as service:
+        summary = await service.flush()
+
+    rows = await outbox_rows(runtime)
+    assert (summary.failed, summary.sent) == (0, 0)
+    assert len(segment.batches) == 1
+    assert {(r.status, r.attempts) for r in rows} == {("pending", 0)}
+    refused = [r for r in rows if r.last_error]
+    assert len(refused) == 100
+    assert refused[0].last_error == 'HTTP 401: {"success": false, "message": "invalid write key"}'
+    assert segment.batches[0].user == "wrong-key"
+
+
+async def test_forwarding_403_is_a_refused_write_key_too(runtime, segment):
+    await point_at(runtime, segment.url)
     await add_events(runtime, 1)
+    segment.fail_next(403, body={"success": False, "message": "forbidden"})
 
     async with forwarding(runtime) as service:
         summary = await service.flush()
 
     [row] = await outbox_rows(runtime)
-    assert (summary.failed, row.status) == (1, "failed")
-    assert row.last_error == 'HTTP 401: {"success": false, "message": "invalid write key"}'
-    assert segment.batches[0].user == "wrong-key"
+    assert (summary.failed, row.status, row.attempts) == (0, "pending", 0)
+    assert row.last_error.startswith("HTTP 403")
 
 
 async def test_forwarding_reason_never_carries_the_write_key(runtime, segment):

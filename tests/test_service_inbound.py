@@ -390,3 +390,19 @@ async def test_inbound_events_are_forwarded_to_a_segment_destination(start_app, 
     assert call["properties"]["href"] == "https://example.com/pricing"
     assert call["context"]["integration"] == {"name": "customerio"}
     assert call["timestamp"] == "2020-03-26T20:25:48Z"
+
+
+async def test_inbound_refused_write_key_keeps_events_and_shows_on_status(start_app, fake_segment):
+    client = await start_app()
+    await configure(client, forward_url=fake_segment.url, forward_write_key="not-the-key")
+    path = await webhook_path(client)
+    await post_webhook(client, path, fixture("email_clicked.json"))
+    status: dict[str, Any] = {}
+    for _ in range(100):
+        status = await (await client.get("/status")).json()
+        if status["status"] == "error":
+            break
+        await asyncio.sleep(0.05)
+    assert any("Forwarding is failing: HTTP 401" in m for m in status["messages"])
+    assert "not-the-key" not in json.dumps(status)
+    assert fake_segment.messages() == []

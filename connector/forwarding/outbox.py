@@ -52,6 +52,9 @@ MAX_REASON_CHARS = 200
 _MAX_ANSWER_BYTES = 4096
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]+")
 _REDACTED = "[redacted]"
+# A refused write key is retried this much later: often enough to notice a corrected key soon,
+# rarely enough not to flood the destination's logs with refused batches.
+UNAUTHORIZED_RETRY_SECONDS = 60
 
 
 @dataclass
@@ -148,7 +151,8 @@ class SegmentClient:
         return self._session
 
     async def send_batch(self, url: str, write_key: str, body: bytes) -> BatchResult:
-        """Post one batch; 2xx is OK, 429/5xx and no answer RETRY, anything else FAIL."""
+        """Post one batch; 2xx is OK, 429/5xx and no answer RETRY, 401/403 UNAUTHORIZED,
+        anything else FAIL."""
         headers = {"Content-Type": "application/json"}
         if write_key:
             headers["Authorization"] = f"Basic {basic_token(write_key)}"
@@ -169,9 +173,9 @@ class SegmentClient:
             return BatchResult(SendOutcome.RETRY, None, "timeout")
         except aiohttp.ClientError as exc:
             return BatchResult(SendOutcome.RETRY, None, f"connection error ({type(exc).__name__})")
-        if outcome is SendOutcome.UNAUTHORIZED:
-            # A wrong write key is the destination refusing the batch, not a reason to retry.
-            outcome = SendOutcome.FAIL
+        if status == 403:
+            # Segment-spec destinations answer a write key they do not know with 401 or 403.
+            outcome = SendOutcome.UNAUTHORIZED
         reason = f"HTTP {status}: {excerpt}" if excerpt else f"HTTP {status}"
         return BatchResult(outcome, status, reason)
 
@@ -301,8 +305,8 @@ class ForwardingService:
         """Send every message due when the flush starts; without ``forward_url``, nothing.
 
         Messages set back for a retry wait for a later flush. When the destination asks for
-        a retry (429, 5xx, no answer) the flush stops there: it is busy or down, and the
-        remaining messages stay pending, their attempts untouched.
+        a retry (429, 5xx, no answer) or refuses the write key (401, 403) the flush stops
+        there, and the remaining messages stay pending, their attempts untouched.
         """
         summary = FlushSummary()
         settings = await self._settings.load()
@@ -333,7 +337,7 @@ class ForwardingService:
             summary.batches += 1
             self._metrics.forward_requests.labels(str(result.status or 0)).inc()
             await self._finish(batch, result, summary)
-            if result.outcome is SendOutcome.RETRY:
+            if result.outcome in (SendOutcome.RETRY, SendOutcome.UNAUTHORIZED):
                 await self.outbox.release([m for later in batches[position + 1 :] for m in later])
                 return False
         return True
@@ -349,6 +353,11 @@ class ForwardingService:
             status, retry_at, reason = "failed", now, result.reason
             if result.outcome is SendOutcome.OK:
                 status = "sent"
+            elif result.outcome is SendOutcome.UNAUTHORIZED:
+                # The write key is wrong: nothing is lost, and nothing is tried again until a
+                # later flush, when the key may have been corrected; the reason shows on /status.
+                status, attempts = "pending", message.attempts
+                retry_at = now + timedelta(seconds=UNAUTHORIZED_RETRY_SECONDS)
             elif result.outcome is SendOutcome.RETRY:
                 if gives_up(attempts, self._config.max_attempts):
                     reason = f"gave up after {attempts} attempts: {result.reason}"
