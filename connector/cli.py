@@ -275,6 +275,19 @@ def webhook_url_command(ctx: click.Context, rotate: bool) -> None:
     click.echo(_run(go()))
 
 
+@main.command(name="ingest-token")
+@click.pass_context
+def ingest_token_command(ctx: click.Context) -> None:
+    """Print the bearer token the platform sends to /smart-notifier and /batch."""
+    config = _load(ctx)
+
+    async def go() -> str:
+        async with open_runtime(config) as runtime:
+            return runtime.secrets.ingest_token
+
+    click.echo(_run(go()))
+
+
 @main.command(name="import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.pass_context

@@ -398,3 +398,19 @@ async def test_cli_sync_once_without_credentials_fails(settings_file, tmp_path, 
     assert result.code != 0
     assert "not set" in result.stderr
     assert fake_cio.requests == []
+
+
+async def test_cli_ingest_token_prints_the_configured_token(settings_file):
+    result = await run_cli(settings_file(), "ingest-token")
+    assert result.code == 0, result.stderr
+    assert result.stdout.strip() == INGEST_TOKEN
+
+
+async def test_cli_webhook_url_prints_and_rotates(settings_file):
+    config = settings_file()
+    first = await run_cli(config, "webhook-url")
+    again = await run_cli(config, "webhook-url")
+    rotated = await run_cli(config, "webhook-url", "--rotate")
+    assert first.code == again.code == rotated.code == 0
+    assert first.stdout.startswith("http://127.0.0.1:8080/webhook?conf=")
+    assert first.stdout == again.stdout != rotated.stdout
