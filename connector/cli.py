@@ -190,7 +190,9 @@ async def _sync_forever(config: Config) -> None:
 
 
 async def _dry_run(config: Config) -> None:
-    async with open_runtime(config, sender_factory=lambda _settings: DryRunSender()) as runtime:
+    async with open_runtime(
+        config, sender_factory=lambda _settings, _bucket: DryRunSender()
+    ) as runtime:
         plans = await runtime.sync.plan_pending()
     for plan in plans:
         _print_plan(plan)

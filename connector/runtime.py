@@ -20,6 +20,8 @@ from connector.inbound.gate import WebhookGate
 from connector.inbound.processor import InboundProcessor
 from connector.metrics import Metrics
 from connector.outbound.engine import SyncEngine
+from connector.outbound.instances import SendingInstances
+from connector.outbound.ratelimit import TokenBucket
 from connector.outbound.repository import OutboundRepository
 from connector.outbound.sender import CustomerIOSender
 from connector.outbound.service import SenderFactory, SyncService
@@ -54,9 +56,14 @@ def instance_id() -> str:
 
 
 def customerio_sender_factory(config: Config) -> SenderFactory:
-    def build(settings: ConnectorSettings) -> CustomerIOSender:
+    def build(settings: ConnectorSettings, bucket: TokenBucket) -> CustomerIOSender:
         return CustomerIOSender.from_config(
-            settings.site_id, settings.api_key, settings.region, config.customerio, config.sync
+            settings.site_id,
+            settings.api_key,
+            settings.region,
+            config.customerio,
+            config.sync,
+            bucket=bucket,
         )
 
     return build
@@ -101,6 +108,8 @@ async def open_runtime(
             settings=settings,
             credentials=credentials,
             sender_factory=sender_factory or customerio_sender_factory(config),
+            instances=SendingInstances(sessionmaker, repository.instance_id),
+            rate_limit_per_second=config.sync.rate_limit_per_second,
         )
         gate = WebhookGate(kv, settings)
         await gate.refresh()

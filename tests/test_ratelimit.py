@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from connector.outbound.ratelimit import TokenBucket
+from connector.outbound.ratelimit import MIN_SHARE_PER_SECOND, TokenBucket, instance_share
 
 
 class VirtualTime:
@@ -146,3 +146,98 @@ async def test_token_bucket_acquire_paces_in_real_time():
 def test_token_bucket_rejects_invalid_settings(rate, capacity):
     with pytest.raises(ValueError):
         TokenBucket(rate, capacity=capacity)
+
+
+def test_token_bucket_set_rate_paces_later_reservations_at_the_new_rate(vtime):
+    bucket = TokenBucket(10, clock=vtime.clock, sleep=vtime.sleep)
+    assert bucket.reserve() == 0.0
+    vtime.now += 1.0
+    bucket.set_rate(20)
+    assert bucket.rate_per_second == 20
+    waits = [bucket.reserve() for _ in range(4)]
+    assert waits == pytest.approx([0.0, 0.05, 0.1, 0.15])
+
+
+def test_token_bucket_set_rate_lower_stretches_the_backlog_at_once(vtime):
+    bucket = TokenBucket(10, clock=vtime.clock, sleep=vtime.sleep)
+    waits = [bucket.reserve() for _ in range(3)]
+    assert waits == pytest.approx([0.0, 0.1, 0.2])
+    # Three slots are handed out (they keep their time); at 5/s they would have taken 0.6 s.
+    bucket.set_rate(5)
+    assert [bucket.reserve() for _ in range(2)] == pytest.approx([0.6, 0.8])
+
+
+def test_token_bucket_set_rate_higher_starts_after_the_backlog(vtime):
+    bucket = TokenBucket(10, clock=vtime.clock, sleep=vtime.sleep)
+    waits = [bucket.reserve() for _ in range(3)]
+    assert waits == pytest.approx([0.0, 0.1, 0.2])
+    # Waiting callers are not overtaken: the faster pace starts where the backlog ends.
+    bucket.set_rate(20)
+    assert [bucket.reserve() for _ in range(3)] == pytest.approx([0.3, 0.35, 0.4])
+
+
+def test_token_bucket_set_rate_keeps_the_burst_capacity(vtime):
+    bucket = TokenBucket(10, capacity=4, clock=vtime.clock, sleep=vtime.sleep)
+    bucket.set_rate(2)
+    waits = [bucket.reserve() for _ in range(6)]
+    assert waits[:4] == [0.0] * 4
+    assert waits[4:] == pytest.approx([0.5, 1.0])
+
+
+@pytest.mark.parametrize(("first", "second"), [(40.0, 20.0), (20.0, 40.0), (10.0, 30.0)])
+async def test_token_bucket_acquire_follows_a_rate_change_under_load(vtime, first, second):
+    bucket = TokenBucket(first, clock=vtime.clock, sleep=vtime.sleep)
+    done: list[float] = []
+
+    async def worker() -> None:
+        # Like the sender: a few callers at a time keep the bucket busy.
+        for _ in range(30):
+            await bucket.acquire()
+            done.append(vtime.now)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(4)]
+    await vtime.advance(0)
+    while vtime.now < 1001.0:
+        await vtime.advance(0.005)
+    bucket.set_rate(second)
+    changed = len(done)
+    while not all(t.done() for t in tasks):
+        await vtime.advance(0.005)
+    await asyncio.gather(*tasks)
+
+    # Before the change: the first rate; after it, the new one (plus the callers that were
+    # already waiting, at most one per worker, at the old pace).
+    before = [t for t in done[:changed] if t >= 1000.0]
+    assert len(before) <= 1 + 1.0 * first + 1e-6
+    after = done[changed:]
+    span = after[-1] - after[0]
+    assert len(after) - 1 <= 4 + span * second + 1e-6
+    assert len(after) - 1 >= span * second * 0.9 - 4
+
+
+@pytest.mark.parametrize("rate", [0, -1, float("nan")])
+def test_token_bucket_set_rate_rejects_a_rate_that_is_not_positive(rate):
+    bucket = TokenBucket(10)
+    with pytest.raises(ValueError):
+        bucket.set_rate(rate)
+    assert bucket.rate_per_second == 10
+
+
+@pytest.mark.parametrize(
+    ("total", "active", "share"),
+    [
+        (100, 1, 100),
+        (100, 2, 50),
+        (100, 3, 100 / 3),
+        (100, 4, 25),
+        (40, 2, 20),
+        # The caller itself is sending: never divided by zero or a negative count.
+        (100, 0, 100),
+        (100, -2, 100),
+        # Never below the floor, however many instances there are.
+        (0.1, 1000, MIN_SHARE_PER_SECOND),
+        (100, 1_000_000, MIN_SHARE_PER_SECOND),
+    ],
+)
+def test_instance_share(total, active, share):
+    assert instance_share(total, active) == pytest.approx(share)

@@ -208,3 +208,17 @@ class CatalogEntry(Base):
     label: Mapped[str | None] = mapped_column(String(255))
     """A segment's name."""
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SyncInstance(Base):
+    """An instance running an outbound pass; the rate limit is shared among the live ones.
+
+    Written when a pass starts and at every heartbeat during it, deleted when it ends. A row
+    whose heartbeat is stale belongs to a dead instance: it no longer counts, and the next
+    heartbeat of any instance deletes it.
+    """
+
+    __tablename__ = "sync_instances"
+
+    instance_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

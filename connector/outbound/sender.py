@@ -195,14 +195,17 @@ class CustomerIOSender:
         region: str,
         customerio: CustomerioConfig,
         sync: SyncConfig,
+        *,
+        bucket: TokenBucket | None = None,
     ) -> CustomerIOSender:
+        """A sender paced by ``bucket``; without one, by a bucket of the whole rate limit."""
         return cls(
             site_id,
             api_key,
             region,
             customerio,
             concurrency=sync.concurrency,
-            bucket=TokenBucket(sync.rate_limit_per_second),
+            bucket=TokenBucket(sync.rate_limit_per_second) if bucket is None else bucket,
         )
 
     def _new_client(self) -> CustomerIO:

@@ -1,5 +1,6 @@
 """The outbound sync as the rest of the service uses it: one pass at a time per instance,
-with its run recorded and the credential status kept up to date."""
+with its run recorded, its share of the rate limit kept up to date and the credential status
+recorded."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from connector.outbound.engine import (
     SyncEngine,
     SyncSummary,
 )
+from connector.outbound.instances import SendingInstances
 from connector.outbound.operations import Sender, UserPlan
 from connector.outbound.planner import plan_user
+from connector.outbound.ratelimit import TokenBucket
 from connector.outbound.repository import OutboundRepository
 from connector.settings import ConnectorSettings
 from connector.settings_store import SettingsStore
@@ -23,7 +26,8 @@ from connector.status import CredentialStatusStore
 
 log = logging.getLogger("connector.outbound")
 
-SenderFactory = Callable[[ConnectorSettings], Sender]
+SenderFactory = Callable[[ConnectorSettings, TokenBucket], Sender]
+"""Builds a pass's sender, which paces its requests with the given bucket."""
 
 
 class SyncService:
@@ -34,12 +38,16 @@ class SyncService:
         settings: SettingsStore,
         credentials: CredentialStatusStore,
         sender_factory: SenderFactory,
+        instances: SendingInstances,
+        rate_limit_per_second: float,
     ):
         self.repository = repository
+        self.instances = instances
         self._engine = engine
         self._settings = settings
         self._credentials = credentials
         self._sender_factory = sender_factory
+        self._rate_limit = rate_limit_per_second
         self._lock = asyncio.Lock()
 
     @property
@@ -66,9 +74,12 @@ class SyncService:
                 await self.repository.mark_all_pending(full=True)
             if on_start is not None:
                 on_start(await self.repository.count_claimable())
-            sender = self._sender_factory(settings)
+            # Paced at this instance's share of the rate limit, kept up to date while it runs.
+            bucket = TokenBucket(self._rate_limit)
+            sender = self._sender_factory(settings, bucket)
             try:
-                summary = await self._engine.run(settings, sender, progress=progress)
+                async with self.instances.sharing(bucket, self._rate_limit):
+                    summary = await self._engine.run(settings, sender, progress=progress)
             finally:
                 await sender.close()
             if summary.error == INVALID_CREDENTIALS:
