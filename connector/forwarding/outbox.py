@@ -28,6 +28,7 @@ from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from connector.config import SyncConfig
+from connector.db.claims import claim_rows
 from connector.db.models import ForwardMessage
 from connector.db.types import utcnow
 from connector.metrics import Metrics
@@ -226,23 +227,14 @@ class ForwardOutbox:
         now = utcnow()
         lease = now + self._lease
         async with self._sessionmaker() as session, session.begin():
-            # MATERIALIZED: PostgreSQL may otherwise run the locking subquery again for the
-            # update, and each run skips the rows the previous one took, overshooting ``limit``.
-            due = (
-                select(ForwardMessage.id)
-                .where(_claimable(now, due_by))
-                .order_by(ForwardMessage.next_attempt_at, ForwardMessage.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-                .cte("due")
-                .prefix_with("MATERIALIZED", dialect="postgresql")
-            )
-            rows = await session.execute(
-                update(ForwardMessage)
-                .where(ForwardMessage.id.in_(select(due.c.id)), _claimable(now, due_by))
-                .values(claimed_until=lease)
-                .returning(ForwardMessage.id, ForwardMessage.attempts, ForwardMessage.payload)
-                .execution_options(synchronize_session=False)
+            rows = await claim_rows(
+                session,
+                ForwardMessage,
+                claimable=_claimable(now, due_by),
+                order_by=(ForwardMessage.next_attempt_at, ForwardMessage.id),
+                limit=limit,
+                values={"claimed_until": lease},
+                returning=(ForwardMessage.id, ForwardMessage.attempts, ForwardMessage.payload),
             )
             claimed = [
                 ClaimedMessage(

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import bindparam, or_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from connector.db.claims import claim_rows
 from connector.db.models import ForwardMessage, TrackedEvent, WebhookDelivery
 from connector.db.types import utcnow
 from connector.forwarding.message import segment_track
@@ -158,27 +159,19 @@ class InboundProcessor:
     async def _claim(self) -> list[_Delivery]:
         now = utcnow()
         async with self._sessionmaker() as session, session.begin():
-            # MATERIALIZED: see OutboundRepository.claim.
-            due = (
-                select(WebhookDelivery.id)
-                .where(_claimable(now))
-                .order_by(WebhookDelivery.id)
-                .limit(BATCH_SIZE)
-                .with_for_update(skip_locked=True)
-                .cte("due")
-                .prefix_with("MATERIALIZED", dialect="postgresql")
-            )
-            result = await session.execute(
-                update(WebhookDelivery)
-                .where(WebhookDelivery.id.in_(select(due.c.id)), _claimable(now))
-                .values(claimed_until=now + self._lease)
-                .returning(
+            result = await claim_rows(
+                session,
+                WebhookDelivery,
+                claimable=_claimable(now),
+                order_by=(WebhookDelivery.id,),
+                limit=BATCH_SIZE,
+                values={"claimed_until": now + self._lease},
+                returning=(
                     WebhookDelivery.id,
                     WebhookDelivery.event_id,
                     WebhookDelivery.body,
                     WebhookDelivery.received_at,
-                )
-                .execution_options(synchronize_session=False)
+                ),
             )
             claimed = [_Delivery(*row) for row in result]
         claimed.sort(key=lambda delivery: delivery.id)

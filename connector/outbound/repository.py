@@ -18,6 +18,7 @@ from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import load_only
 
+from connector.db.claims import claim_rows
 from connector.db.models import SyncRun, User, UserEvent
 from connector.db.types import utcnow
 from connector.outbound.operations import EventSnapshot, UserSnapshot
@@ -137,23 +138,14 @@ class OutboundRepository:
         """
         now = utcnow()
         async with self._sessionmaker() as session, session.begin():
-            # MATERIALIZED: PostgreSQL may otherwise run the locking subquery again for the
-            # update, and each run skips the rows the previous one took, overshooting ``limit``.
-            due = (
-                select(User.id)
-                .where(_claimable(now, due_by))
-                .order_by(User.pending_since, User.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-                .cte("due")
-                .prefix_with("MATERIALIZED", dialect="postgresql")
-            )
-            claimed = await session.execute(
-                update(User)
-                .where(User.id.in_(select(due.c.id)), _claimable(now, due_by))
-                .values(claimed_by=self.instance_id, claimed_until=now + self._lease)
-                .returning(User.id)
-                .execution_options(synchronize_session=False)
+            claimed = await claim_rows(
+                session,
+                User,
+                claimable=_claimable(now, due_by),
+                order_by=(User.pending_since, User.id),
+                limit=limit,
+                values={"claimed_by": self.instance_id, "claimed_until": now + self._lease},
+                returning=(User.id,),
             )
             ids = [row[0] for row in claimed]
             if not ids:

@@ -1,0 +1,48 @@
+"""Leasing rows of a work queue so that several instances never take the same row.
+
+One statement: ``UPDATE … SET <lease> WHERE id IN (SELECT id … LIMIT n FOR UPDATE SKIP LOCKED)
+AND <claimable> RETURNING …``. On PostgreSQL the locked subquery makes concurrent claimers skip
+each other's rows; SQLite ignores the locking clause, and its ``BEGIN IMMEDIATE`` transactions
+serialise the claims instead. Repeating the condition in the UPDATE keeps a row that another
+claimer took in between from being taken twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Result, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+async def claim_rows(
+    session: AsyncSession,
+    model: Any,
+    *,
+    claimable: Any,
+    order_by: Sequence[Any],
+    limit: int,
+    values: dict[str, Any],
+    returning: Sequence[Any],
+) -> Result[Any]:
+    """Set ``values`` (the lease) on up to ``limit`` claimable rows of ``model``, in
+    ``order_by`` order, and return the ``returning`` columns of the rows taken."""
+    # MATERIALIZED: PostgreSQL may otherwise run the locking subquery again for the update,
+    # and each run skips the rows the previous one took, overshooting ``limit``.
+    due = (
+        select(model.id)
+        .where(claimable)
+        .order_by(*order_by)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("due")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    return await session.execute(
+        update(model)
+        .where(model.id.in_(select(due.c.id)), claimable)
+        .values(**values)
+        .returning(*returning)
+        .execution_options(synchronize_session=False)
+    )
