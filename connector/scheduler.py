@@ -60,31 +60,11 @@ class Scheduler:
         self._scheduler.add_job(
             self._processor.wake, "interval", seconds=INBOUND_SWEEP_SECONDS, id="inbound-sweep"
         )
-        self._scheduler.add_job(
-            self._purge,
-            "interval",
-            seconds=RETENTION_PURGE_SECONDS,
-            id="retention-purge",
-            max_instances=1,
-        )
+        self._every(RETENTION_PURGE_SECONDS, "retention-purge", self._purge)
         if self._credential_check is not None:
-            self._scheduler.add_job(
-                self._check_credentials,
-                "interval",
-                seconds=CREDENTIAL_CHECK_SECONDS,
-                id="credential-check",
-                max_instances=1,
-                coalesce=True,
-            )
+            self._every(CREDENTIAL_CHECK_SECONDS, "credential-check", self._credential_check)
         if self._forwarding is not None:
-            self._scheduler.add_job(
-                self._flush_forwarding,
-                "interval",
-                seconds=FORWARD_FLUSH_SECONDS,
-                id="forward-flush",
-                max_instances=1,
-                coalesce=True,
-            )
+            self._every(FORWARD_FLUSH_SECONDS, "forward-flush", self._forwarding.flush)
         if self._config.scheduled:
             self._add_sync_job()
         self._scheduler.start()
@@ -111,29 +91,25 @@ class Scheduler:
         if self._job is not None and not self._job.done():
             await asyncio.shield(self._job)
 
-    async def _flush_forwarding(self) -> None:
-        if self._stopping:
-            return
-        try:
-            await self._forwarding.flush()
-        except Exception:
-            log.exception("forwarding flush failed")
+    def _every(self, seconds: float, job_id: str, work: Callable[[], Awaitable[object]]) -> None:
+        """A background job: one run at a time, failures logged and tried again next time."""
+
+        async def run() -> None:
+            if self._stopping:
+                return
+            try:
+                await work()
+            except Exception:
+                log.exception("scheduled job failed", extra={"job": job_id})
+
+        self._scheduler.add_job(
+            run, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True
+        )
 
     async def _purge(self) -> None:
-        try:
-            purged = await purge_deliveries(self._sessionmaker, self._retention_days)
-        except Exception:
-            log.exception("purging old webhook deliveries failed")
-            return
+        purged = await purge_deliveries(self._sessionmaker, self._retention_days)
         if purged:
             log.info("purged old webhook deliveries", extra={"deliveries": purged})
-
-    async def _check_credentials(self) -> None:
-        assert self._credential_check is not None
-        try:
-            await self._credential_check()
-        except Exception:
-            log.exception("checking the Customer.io credentials failed")
 
     def trigger_sync(self) -> None:
         """Ask for a pass within about a second, besides the schedule."""
