@@ -21,6 +21,7 @@ from connector.auth import require_admin
 from connector.db.models import TrackedEvent, User, UserEvent
 from connector.inbound.gate import webhook_url
 from connector.responses import json_error, json_response, read_json
+from connector.safe_json import MAX_INTEGER
 from connector.settings_changes import save_settings
 
 RECENT_EVENTS = 50
@@ -153,13 +154,14 @@ def tracked_json(event: TrackedEvent) -> dict[str, Any]:
 def _positive_int(raw: str | None, default: int, name: str) -> int:
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise web.HTTPBadRequest(reason=f"{name} must be a whole number") from None
-    if value < 0:
-        raise web.HTTPBadRequest(reason=f"{name} must not be negative")
-    return value
+    # Bounded before int() (thousands of digits are slow, and refused by int() itself), and
+    # to what a BIGINT column can be compared with.
+    digits = raw.isascii() and raw.isdigit()
+    if not digits or len(raw) > 19 or int(raw) > MAX_INTEGER:
+        if raw.startswith("-") and raw[1:].isascii() and raw[1:].isdigit():
+            raise web.HTTPBadRequest(reason=f"{name} must not be negative")
+        raise web.HTTPBadRequest(reason=f"{name} must be a whole number below 2^63")
+    return int(raw)
 
 
 @require_admin

@@ -35,6 +35,7 @@ from connector.notifications import http as notifications_http
 from connector.outbound.service import SenderFactory
 from connector.responses import json_error
 from connector.runtime import open_runtime
+from connector.safe_json import is_storable
 from connector.scheduler import Scheduler
 
 log = logging.getLogger("connector.app")
@@ -107,9 +108,22 @@ async def json_errors(request: web.Request, handler):
         return json_error(500, "internal error")
 
 
+@web.middleware
+async def storable_urls(request: web.Request, handler):
+    """A path or query holding NUL (``%00``) is refused before any handler can pass it to the
+    database (PostgreSQL refuses NUL in text, which would be a 500)."""
+    if not is_storable(request.path) or not all(
+        is_storable(key) and is_storable(value) for key, value in request.query.items()
+    ):
+        return json_error(400, "the URL holds a NUL character")
+    return await handler(request)
+
+
 def create_app(config: Config, *, sender_factory: SenderFactory | None = None) -> web.Application:
     """The service; ``sender_factory`` replaces how Track API calls are made (dry runs)."""
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_NOTIFICATION_BYTES)
+    app = web.Application(
+        middlewares=[json_errors, storable_urls], client_max_size=MAX_NOTIFICATION_BYTES
+    )
     app[config_key] = config
     app[metrics_key] = Metrics()
     app.cleanup_ctx.append(_runtime_context(config, sender_factory))

@@ -17,6 +17,7 @@ import click
 from aiohttp import web
 from tqdm import tqdm
 
+from connector import safe_json
 from connector.config import Config, ConfigError, config_path, load_config
 from connector.db import migrate as db_migrate
 from connector.inbound.gate import webhook_url
@@ -236,7 +237,8 @@ async def _import(runtime: Runtime, path: Path) -> tuple[int, list[str]]:
     errors: list[str] = []
     size = path.stat().st_size
     with (
-        path.open(encoding="utf-8") as handle,
+        # Invalid UTF-8 stays visible as lone surrogates, and the parser rejects its line.
+        path.open(encoding="utf-8", errors="surrogateescape") as handle,
         tqdm(
             total=size, unit="B", unit_scale=True, desc="import", file=sys.stderr, disable=None
         ) as bar,
@@ -245,12 +247,12 @@ async def _import(runtime: Runtime, path: Path) -> tuple[int, list[str]]:
             messages: list[Any] = []
             numbers: list[int] = []
             for number, line in batch:
-                bar.update(len(line.encode()))
+                bar.update(len(line.encode(errors="surrogateescape")))
                 try:
-                    messages.append(json.loads(line))
+                    messages.append(safe_json.loads(line))
                     numbers.append(number)
-                except json.JSONDecodeError as exc:
-                    errors.append(f"line {number}: malformed JSON: {exc}")
+                except safe_json.UnsafeJSON as exc:
+                    errors.append(f"line {number}: {exc}")
             try:
                 parsed = parse_notification({"messages": messages})
             except InvalidNotification as exc:  # pragma: no cover - the body is built here
@@ -259,6 +261,8 @@ async def _import(runtime: Runtime, path: Path) -> tuple[int, list[str]]:
                 errors.append(f"line {numbers[rejection['index']]}: {rejection['error']}")
             result = await store_messages(runtime.sessionmaker, parsed.messages, via_batch=True)
             stored += result.accepted
+            for rejection in result.rejected:
+                errors.append(f"line {numbers[rejection['index']]}: {rejection['error']}")
     return stored, errors
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
+from connector import safe_json
+
 
 def _default(value: Any) -> Any:
     if isinstance(value, datetime):
@@ -24,10 +26,11 @@ def json_error(status: int, message: str, **extra: Any) -> web.Response:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The body as JSON; raises ``web.HTTPBadRequest`` with a JSON error when it is not."""
+    """The body as JSON (see :func:`connector.safe_json.loads`); raises ``web.HTTPBadRequest``
+    with a JSON error when it is not, or is JSON the service does not accept."""
     try:
-        return json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return safe_json.loads(await request.read())
+    except safe_json.UnsafeJSON as exc:
         raise web.HTTPBadRequest(
-            text=json.dumps({"error": f"malformed JSON: {exc}"}), content_type="application/json"
+            text=json.dumps({"error": str(exc)}), content_type="application/json"
         ) from exc

@@ -13,6 +13,8 @@ from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
+from connector.safe_json import is_storable
+
 SECRET_FIELDS = frozenset({"api_key", "webhook_signing_key", "forward_write_key"})
 MASK = "********"
 """What a set secret looks like outside the service; sending it back leaves the secret as is."""
@@ -61,6 +63,19 @@ class ConnectorSettings:
         return data
 
 
+class Text(fields.String):
+    """A string that can be stored and shown: valid Unicode without NUL. (A lone surrogate
+    saved here would break the settings page and every call that uses the setting.)"""
+
+    default_error_messages = {"unstorable": "must be valid Unicode text without NUL characters"}
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not is_storable(text):
+            raise self.make_error("unstorable")
+        return text
+
+
 def _non_blank_items(values: list[str]) -> None:
     if any(not value.strip() for value in values):
         raise ValidationError("must not contain blank entries")
@@ -70,24 +85,22 @@ class ConnectorSettingsSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    site_id = fields.String(validate=validate.Length(max=200))
-    api_key = fields.String(validate=validate.Length(max=200))
-    region = fields.String(validate=validate.OneOf(["us", "eu"]))
-    user_id_mapping = fields.String(
-        validate=validate.Regexp(r"^\S+$", error="must be an attribute name")
-    )
-    synchronized_segments = fields.List(fields.String(), validate=_non_blank_items)
-    synchronized_attributes = fields.List(fields.String(), validate=_non_blank_items)
+    site_id = Text(validate=validate.Length(max=200))
+    api_key = Text(validate=validate.Length(max=200))
+    region = Text(validate=validate.OneOf(["us", "eu"]))
+    user_id_mapping = Text(validate=validate.Regexp(r"^\S+$", error="must be an attribute name"))
+    synchronized_segments = fields.List(Text(), validate=_non_blank_items)
+    synchronized_attributes = fields.List(Text(), validate=_non_blank_items)
     enable_user_deletion = fields.Boolean()
-    events_filter = fields.List(fields.String(), validate=_non_blank_items)
+    events_filter = fields.List(Text(), validate=_non_blank_items)
     anonymous_events = fields.Boolean()
     max_attributes_per_call = fields.Integer(validate=validate.Range(min=1, max=300))
-    webhook_signing_key = fields.String(validate=validate.Length(max=500))
+    webhook_signing_key = Text(validate=validate.Length(max=500))
     webhook_timestamp_tolerance_seconds = fields.Integer(validate=validate.Range(min=1, max=86400))
-    incoming_metrics = fields.List(fields.String(), allow_none=True)
-    forward_url = fields.String()
-    forward_write_key = fields.String(validate=validate.Length(max=500))
-    forward_event_prefix = fields.String(validate=validate.Length(max=100))
+    incoming_metrics = fields.List(Text(), allow_none=True)
+    forward_url = Text()
+    forward_write_key = Text(validate=validate.Length(max=500))
+    forward_event_prefix = Text(validate=validate.Length(max=100))
 
     @validates("incoming_metrics")
     def _check_metrics(self, value: list[str] | None, **_: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import event
@@ -16,8 +17,15 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+def _json_serializer(value: Any) -> str:
+    # NaN and Infinity are not JSON: PostgreSQL refuses them and SQLite's JSON functions then
+    # fail on the row. Refusing them here fails one statement instead of corrupting a row.
+    return json.dumps(value, allow_nan=False)
+
+
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     """Create an async engine; SQLite gets WAL, a busy timeout and write-locking transactions."""
+    kwargs.setdefault("json_serializer", _json_serializer)
     if not is_sqlite(url):
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 10)

@@ -31,6 +31,7 @@ from connector.config import SyncConfig
 from connector.db.claims import claim_rows
 from connector.db.models import ForwardMessage
 from connector.db.types import utcnow
+from connector.failures import failure_reason
 from connector.metrics import Metrics
 from connector.outbound.operations import SendOutcome
 from connector.outbound.retry import backoff_delay, classify_status, gives_up
@@ -92,7 +93,11 @@ class BatchResult:
 
 
 def encode_message(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """The call as compact UTF-8 JSON; ``ValueError`` for what JSON or UTF-8 cannot carry
+    (NaN, lone surrogates)."""
+    return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+        "utf-8"
+    )
 
 
 def batch_body(encoded: Iterable[bytes], sent_at: datetime) -> bytes:
@@ -223,7 +228,11 @@ class ForwardOutbox:
         self._lease = timedelta(seconds=lease_seconds)
 
     async def claim(self, limit: int, due_by: datetime) -> list[ClaimedMessage]:
-        """Lease up to ``limit`` pending messages due by ``due_by``, oldest due first."""
+        """Lease up to ``limit`` pending messages due by ``due_by``, oldest due first.
+
+        A message that cannot be encoded (stored before the processor cleaned what it wrote)
+        is marked ``failed`` with the reason instead: it would fail every batch it joined.
+        """
         now = utcnow()
         lease = now + self._lease
         async with self._sessionmaker() as session, session.begin():
@@ -236,12 +245,36 @@ class ForwardOutbox:
                 values={"claimed_until": lease},
                 returning=(ForwardMessage.id, ForwardMessage.attempts, ForwardMessage.payload),
             )
-            claimed = [
-                ClaimedMessage(
-                    id=id_, attempts=attempts, encoded=encode_message(payload), lease=lease
+            claimed: list[ClaimedMessage] = []
+            unsendable: list[dict[str, Any]] = []
+            for id_, attempts, payload in rows:
+                try:
+                    encoded = encode_message(payload)
+                except (TypeError, ValueError) as exc:
+                    unsendable.append(
+                        {
+                            "message_id": id_,
+                            "lease": lease,
+                            "new_status": "failed",
+                            "new_attempts": attempts,
+                            "retry_at": now,
+                            "reason": failure_reason(exc),
+                            "sent": None,
+                        }
+                    )
+                    continue
+                claimed.append(
+                    ClaimedMessage(id=id_, attempts=attempts, encoded=encoded, lease=lease)
                 )
-                for id_, attempts, payload in rows
-            ]
+            if unsendable:
+                await session.execute(_WRITE_RESULT, unsendable)
+                log.warning(
+                    "forward messages quarantined",
+                    extra={
+                        "operation": "forward",
+                        "messages": [u["message_id"] for u in unsendable],
+                    },
+                )
         return sorted(claimed, key=lambda message: message.id)
 
     async def release(self, messages: list[ClaimedMessage]) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, bindparam, func, select, update
+from sqlalchemy import String, bindparam, case, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -37,7 +37,7 @@ USERS = User.__table__
 _COLUMNS = (USERS.c.id, USERS.c.created_at, USERS.c.email, USERS.c.cio_ref)
 
 
-def mapping_expression(user_id_mapping: str) -> Any:
+def mapping_expression(user_id_mapping: str, dialect: str) -> Any:
     """The users' value that the outbound sync sends as the customer id (see
     :func:`mapping_key`)."""
     if user_id_mapping == "external_id":
@@ -46,7 +46,12 @@ def mapping_expression(user_id_mapping: str) -> Any:
         return func.lower(USERS.c.email)
     if user_id_mapping == "id":
         return USERS.c.id
-    return User.attributes[user_id_mapping].as_string()
+    attribute = User.attributes[user_id_mapping].as_string()
+    if dialect != "sqlite":
+        return attribute
+    # SQLite's JSON functions fail the whole query on one row they cannot read (text stored by
+    # an earlier version, with NaN in it, say): such a row simply has no value here.
+    return case((func.json_valid(USERS.c.attributes) == 1, attribute), else_=None)
 
 
 def mapping_key(customer_id: str, user_id_mapping: str) -> str:
@@ -157,7 +162,12 @@ class BatchResolver:
         await self._load(session, self.by_cio_id, USERS.c.cio_id, customer_ids)
         pending = [i for i in identities if not self._found_stored(i)]
         mapping_keys = {mapping_key(i.customer_id, self._mapping) for i in pending if i.customer_id}
-        await self._load(session, self.by_mapping, mapping_expression(self._mapping), mapping_keys)
+        await self._load(
+            session,
+            self.by_mapping,
+            mapping_expression(self._mapping, session.bind.dialect.name),
+            mapping_keys,
+        )
         pending = [i for i in pending if not self._found_stored(i)]
         emails = {i.email.lower() for i in pending if i.email}
         await self._load(session, self.by_email, func.lower(USERS.c.email), emails)

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from connector.db.models import WebhookDelivery
 from connector.db.types import utcnow
+from connector.failures import is_transient
 
 _TABLE = WebhookDelivery.__table__
 
@@ -75,17 +76,28 @@ class InboxWriter:
                 group.append(self._queue.get_nowait())
             self._writing = True
             try:
-                inserted = await self._write(group)
-            except Exception as exc:
+                await self._commit(group)
+            finally:
+                self._writing = False
+
+    async def _commit(self, group: list[_Pending]) -> None:
+        """Write ``group`` and settle each webhook's future. When the group fails as a whole,
+        its webhooks are written one by one, so only one the database refuses fails (and
+        its neighbours in the group are still acknowledged)."""
+        try:
+            inserted = await self._write(group)
+        except Exception as exc:
+            if len(group) == 1 or is_transient(exc):
                 for item in group:
                     if not item.done.done():
                         item.done.set_exception(exc)
-                continue
-            finally:
-                self._writing = False
+                return
             for item in group:
-                if not item.done.done():
-                    item.done.set_result(item in inserted)
+                await self._commit([item])
+            return
+        for item in group:
+            if not item.done.done():
+                item.done.set_result(item in inserted)
 
     async def _write(self, group: list[_Pending]) -> set[_Pending]:
         """Insert the group; returns the items that were new (the first of each event id)."""

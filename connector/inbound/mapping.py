@@ -54,6 +54,12 @@ channels ``recipient`` is a phone number, a device token, a Slack channel or a U
 
 MAX_EVENT_ID_LENGTH = 255
 """Longest ``event_id`` the inbox can store for de-duplication."""
+# Widths of the tracked_events columns; longer values are cut, never refused.
+MAX_OBJECT_TYPE_LENGTH = 50
+MAX_METRIC_LENGTH = 100
+MAX_NAME_LENGTH = 255
+MAX_IDENTIFIER_LENGTH = 255
+"""Customer.io's own ids stay under 150 bytes: a longer "id" is not one."""
 
 # Legacy event types without an object prefix, and the object type they belong to.
 _LEGACY_BARE_EVENT_TYPES = {"cio_subscription_preferences_changed": "customer"}
@@ -127,6 +133,7 @@ def map_webhook(payload: Any) -> InboundEvent:
         raise InvalidWebhook("the body is not a JSON object")
     event_id = _event_id(payload.get("event_id"))
     object_type, metric = _object_type_and_metric(payload)
+    object_type, metric = object_type[:MAX_OBJECT_TYPE_LENGTH], metric[:MAX_METRIC_LENGTH]
     data = payload.get("data")
     if not isinstance(data, dict):
         data = {}
@@ -134,7 +141,7 @@ def map_webhook(payload: Any) -> InboundEvent:
         event_id=event_id,
         object_type=object_type,
         metric=metric,
-        name=event_name(object_type, metric),
+        name=event_name(object_type, metric)[:MAX_NAME_LENGTH],
         properties=event_properties(data),
         context={
             "source": SOURCE,
@@ -287,7 +294,7 @@ def _word(value: Any) -> str:
 def _identifier(value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    if isinstance(value, str) and value.strip():
+    if isinstance(value, str) and value.strip() and len(value) <= MAX_IDENTIFIER_LENGTH:
         return value
     return None
 

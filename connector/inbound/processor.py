@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -29,9 +28,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from connector import safe_json
 from connector.db.claims import claim_rows
 from connector.db.models import ForwardMessage, TrackedEvent, WebhookDelivery
 from connector.db.types import utcnow
+from connector.failures import failure_reason, is_transient
 from connector.forwarding.message import segment_track
 from connector.inbound.identity import resolve_users
 from connector.inbound.mapping import InboundEvent, InvalidWebhook, map_webhook
@@ -181,14 +182,46 @@ class InboundProcessor:
         settings = await self._settings.load()
         allowed = set(settings.incoming_metrics) if settings.incoming_metrics is not None else None
         events = [d for d in deliveries if _map(d, allowed)]
-        async with self._sessionmaker() as session, session.begin():
-            if events:
-                await self._track(session, events, settings)
-            await _finish(session, deliveries)
+        try:
+            async with self._sessionmaker() as session, session.begin():
+                if events:
+                    await self._track(session, events, settings)
+                await _finish(session, deliveries)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.warning("a batch of %d webhooks failed; processing them one by one", len(events))
+            await self._process_one_by_one(deliveries, events, settings)
         counts = Counter((d.status, d.event_name or "") for d in deliveries)
         for (outcome, name), count in counts.items():
             setattr(summary, outcome, getattr(summary, outcome) + count)
             self._metrics.webhooks.labels(outcome, name).inc(count)
+
+    async def _process_one_by_one(
+        self, deliveries: list[_Delivery], events: list[_Delivery], settings: ConnectorSettings
+    ) -> None:
+        """Each event in a transaction of its own, so that one the database refuses is
+        quarantined (``invalid``, with the database's reason) and the others go on."""
+        for delivery in events:
+            try:
+                async with self._sessionmaker() as session, session.begin():
+                    await self._track(session, [delivery], settings)
+                    await _finish(session, [delivery])
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                delivery.status = "invalid"
+                delivery.error = failure_reason(exc)
+                log.warning(
+                    "webhook quarantined",
+                    extra={"delivery": delivery.id, "reason": delivery.error},
+                )
+                async with self._sessionmaker() as session, session.begin():
+                    await _finish(session, [delivery])
+        rest = [d for d in deliveries if d not in events]
+        if rest:
+            async with self._sessionmaker() as session, session.begin():
+                await _finish(session, rest)
 
     async def _track(
         self, session: AsyncSession, deliveries: list[_Delivery], settings: ConnectorSettings
@@ -259,14 +292,27 @@ class InboundProcessor:
 
 def _map(delivery: _Delivery, allowed: set[str] | None) -> bool:
     """Parse and map ``delivery`` (no I/O); True when it becomes a tracked event, else its
-    outcome (``invalid`` or ``ignored``) is set."""
+    outcome (``invalid`` or ``ignored``) is set.
+
+    The mapping sees a cleaned copy of the payload: text that cannot be stored (NUL, lone
+    surrogates) is repaired, and an ``event_id`` made of such text is replaced by the
+    inbox's key, so that nothing Customer.io sent is refused for it.
+    """
     try:
-        payload = json.loads(delivery.body)
-        payload.setdefault("event_id", delivery.event_id)
-        event = map_webhook(payload)
-    except (InvalidWebhook, ValueError, TypeError, AttributeError) as exc:
+        payload = safe_json.loads(delivery.body)
+        if not isinstance(payload, dict):
+            raise InvalidWebhook("the body is not a JSON object")
+        event_id = payload.get("event_id")
+        if event_id is None or (isinstance(event_id, str) and not safe_json.is_storable(event_id)):
+            payload["event_id"] = delivery.event_id
+        event = map_webhook(safe_json.clean(payload))
+    except ValueError as exc:  # InvalidWebhook, UnsafeJSON: the reason is in their words
         delivery.status = "invalid"
         delivery.error = str(exc)[:500]
+        return False
+    except Exception as exc:
+        delivery.status = "invalid"
+        delivery.error = failure_reason(exc)
         return False
     delivery.event_name = event.name
     if allowed is not None and event.metric_key not in allowed:

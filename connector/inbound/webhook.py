@@ -9,11 +9,11 @@ unreadable bodies) are refused.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 from aiohttp import web
 
+from connector import safe_json
 from connector.appkeys import inbound_processor_key, inbox_key, metrics_key, webhook_gate_key
 from connector.inbound.signing import WebhookVerificationError, WebhookVerifier
 from connector.responses import json_error, json_response
@@ -34,11 +34,17 @@ async def _read_body(request: web.Request) -> bytes | None:
 
 
 def delivery_key(payload: dict[str, Any], body: bytes) -> str:
-    """Customer.io's ``event_id``; a payload without a usable one is keyed by its content."""
+    """Customer.io's ``event_id``; a payload without a usable one (missing, too long, or text
+    that cannot be stored) is keyed by its content."""
     event_id = payload.get("event_id")
     if isinstance(event_id, int) and not isinstance(event_id, bool):
         event_id = str(event_id)
-    if isinstance(event_id, str) and event_id.strip() and len(event_id) <= MAX_EVENT_ID_LENGTH:
+    if (
+        isinstance(event_id, str)
+        and event_id.strip()
+        and len(event_id) <= MAX_EVENT_ID_LENGTH
+        and safe_json.is_storable(event_id)
+    ):
         return event_id.strip()
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
@@ -65,17 +71,22 @@ async def receive(request: web.Request) -> web.Response:
             metrics.webhooks.labels("bad_signature", "").inc()
             return json_error(401, f"signature check failed: {exc}")
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # Text holding NUL or lone surrogates is not refused (Customer.io backlogs after any
+        # non-2xx): the raw body is stored as it came, and the processor maps a cleaned copy.
+        payload = safe_json.loads(body)
+    except safe_json.UnsafeJSON as exc:
         metrics.webhooks.labels("malformed", "").inc()
-        return json_error(400, f"malformed JSON: {exc}")
+        return json_error(400, str(exc))
     if not isinstance(payload, dict):
         metrics.webhooks.labels("malformed", "").inc()
         return json_error(400, "a webhook body must be a JSON object")
-    headers = {name: request.headers[name] for name in KEPT_HEADERS if name in request.headers}
-    stored = await request.app[inbox_key].store(
-        delivery_key(payload, body), body.decode("utf-8", errors="replace"), headers
-    )
+    headers = {
+        name: safe_json.clean_text(request.headers[name])
+        for name in KEPT_HEADERS
+        if name in request.headers
+    }
+    # loads() succeeded, so the body is valid UTF-8; escapes keep NUL out of its raw text.
+    stored = await request.app[inbox_key].store(delivery_key(payload, body), body.decode(), headers)
     if not stored:
         metrics.webhooks.labels("duplicate", "").inc()
         return json_response({"ok": True, "duplicate": True})

@@ -19,7 +19,8 @@ def catalog_rows(messages: list[UserMessage]) -> list[dict[str, str | None]]:
     rows: dict[tuple[str, str], str | None] = {}
     for message in messages:
         for segment in message.segments:
-            rows[("segment", str(segment["id"]))] = segment.get("name")
+            name = segment.get("name")
+            rows[("segment", str(segment["id"]))] = name[:MAX_KEY_LENGTH] if name else None
         for name in message.attributes:
             rows.setdefault(("attribute", name), None)
         for name in message.account:

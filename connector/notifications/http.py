@@ -32,7 +32,7 @@ async def _receive(request: web.Request, *, via_batch: bool) -> web.Response:
     return json_response(
         {
             "accepted": result.accepted,
-            "rejected": parsed.rejected,
+            "rejected": sorted(parsed.rejected + result.rejected, key=lambda r: r["index"]),
             "flow_control": FLOW_CONTROL,
         }
     )

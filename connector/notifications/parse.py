@@ -11,9 +11,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from connector import safe_json
 from connector.outbound.mapping import to_unix_seconds
 
 TRAITS_PREFIX = "traits_"
+# The widths of the columns these are stored in (users.id, users.email, user_events.*).
+MAX_ID_LENGTH = 255
+MAX_EMAIL_LENGTH = 320
 
 
 class InvalidNotification(ValueError):
@@ -68,11 +72,20 @@ class ParsedNotification:
     rejected: list[dict[str, Any]]
 
 
-def _datetime(value: Any) -> datetime | None:
+def _datetime(value: Any, field_name: str) -> datetime | None:
     seconds = to_unix_seconds(value)
     if seconds is None:
         return None
-    return datetime.fromtimestamp(seconds, UTC)
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"'{field_name}' is not a date between the years 1 and 9999") from None
+
+
+def _bounded(value: str | None, field_name: str, limit: int = MAX_ID_LENGTH) -> str | None:
+    if value is not None and len(value) > limit:
+        raise ValueError(f"'{field_name}' is longer than {limit} characters")
+    return value
 
 
 def _text(value: Any) -> str | None:
@@ -98,12 +111,13 @@ def strip_traits_prefix(user: dict[str, Any]) -> dict[str, Any]:
 def _parse_event(raw: Any, position: int) -> IncomingEvent:
     if not isinstance(raw, dict):
         raise ValueError(f"events[{position}] must be an object")
-    name = _text(raw.get("event"))
+    name = _bounded(_text(raw.get("event")), f"events[{position}].event")
     if not name:
         raise ValueError(f"events[{position}] has no 'event' name")
     event_id = _text(raw.get("event_id")) or _text(raw.get("id"))
     if not event_id:
         raise ValueError(f"events[{position}] has no 'event_id'")
+    _bounded(event_id, f"events[{position}].event_id")
     properties = raw.get("properties") or {}
     context = raw.get("context") or {}
     if not isinstance(properties, dict) or not isinstance(context, dict):
@@ -113,7 +127,7 @@ def _parse_event(raw: Any, position: int) -> IncomingEvent:
         name=name,
         properties=properties,
         context=context,
-        occurred_at=_datetime(raw.get("created_at")),
+        occurred_at=_datetime(raw.get("created_at"), f"events[{position}].created_at"),
     )
 
 
@@ -125,7 +139,10 @@ def _segments(raw: Any) -> list[dict[str, Any]]:
     segments = []
     for item in raw:
         if isinstance(item, dict) and _text(item.get("id")):
-            segments.append({"id": str(item["id"]), "name": item.get("name") or str(item["id"])})
+            name = item.get("name")
+            if name is not None and not isinstance(name, str):
+                raise ValueError("a segment's 'name' must be text")
+            segments.append({"id": str(item["id"]), "name": name or str(item["id"])})
         elif isinstance(item, str) and item:
             segments.append({"id": item, "name": item})
         else:
@@ -137,10 +154,15 @@ def parse_message(raw: Any, index: int) -> UserMessage:
     """Validate one message; raises ``ValueError`` with a reason the platform can act on."""
     if not isinstance(raw, dict):
         raise ValueError("message must be an object")
+    unstorable = safe_json.unstorable_text(raw)
+    if unstorable:
+        raise ValueError(unstorable)
     user = raw.get("user")
     if not isinstance(user, dict):
         raise ValueError("message has no 'user' object")
-    key, external_id, email = (_text(user.get(k)) for k in ("id", "external_id", "email"))
+    key = _bounded(_text(user.get("id")), "user.id")
+    external_id = _bounded(_text(user.get("external_id")), "user.external_id")
+    email = _bounded(_text(user.get("email")), "user.email", MAX_EMAIL_LENGTH)
     if not (key or external_id or email):
         raise ValueError("user has none of 'id', 'external_id' and 'email'")
     anonymous_ids = user.get("anonymous_ids") or []
@@ -165,7 +187,7 @@ def parse_message(raw: Any, index: int) -> UserMessage:
         attributes=strip_traits_prefix(user),
         account=account,
         segments=_segments(segments),
-        indexed_at=_datetime(user.get("indexed_at")),
+        indexed_at=_datetime(user.get("indexed_at"), "user.indexed_at"),
         events=[_parse_event(event, i) for i, event in enumerate(events_raw)],
         index=index,
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import logging
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -14,19 +16,33 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from connector.db.models import User, UserEvent
 from connector.db.types import utcnow
+from connector.failures import failure_reason, is_transient
 from connector.notifications.catalog import record_catalog
 from connector.notifications.parse import UserMessage
 
+log = logging.getLogger("connector.notifications")
+
 # Two instances creating the same new user at once: the loser's transaction is replayed.
 _MAX_TRANSACTION_TRIES = 3
+# Messages per transaction. On SQLite the process has one connection, and webhooks wait for it
+# to be acknowledged (Customer.io gives them 4 seconds): 100 users take a few tens of ms.
+MAX_MESSAGES_PER_TRANSACTION = 100
 
 
-@dataclass(frozen=True)
+@dataclass
 class StoreResult:
-    accepted: int
-    changed: int
+    accepted: int = 0
+    changed: int = 0
     """Users marked pending by this call."""
-    new_events: int
+    new_events: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    """``{"index", "error"}`` of the messages the database refused."""
+
+    def add(self, other: StoreResult) -> None:
+        self.accepted += other.accepted
+        self.changed += other.changed
+        self.new_events += other.new_events
+        self.rejected += other.rejected
 
 
 def _insert(session: AsyncSession) -> Any:
@@ -150,12 +166,9 @@ async def _store_once(
     return StoreResult(accepted=len(messages), changed=changed, new_events=new_events)
 
 
-async def store_messages(
-    sessionmaker: async_sessionmaker, messages: list[UserMessage], *, via_batch: bool
+async def _store_retrying(
+    sessionmaker: async_sessionmaker, messages: list[UserMessage], via_batch: bool
 ) -> StoreResult:
-    """Store users and their events in one transaction; committed when this returns."""
-    if not messages:
-        return StoreResult(accepted=0, changed=0, new_events=0)
     for attempt in range(1, _MAX_TRANSACTION_TRIES + 1):
         try:
             return await _store_once(sessionmaker, messages, via_batch)
@@ -163,3 +176,47 @@ async def store_messages(
             if attempt == _MAX_TRANSACTION_TRIES:
                 raise
     raise AssertionError("unreachable")
+
+
+async def _store_one_by_one(
+    sessionmaker: async_sessionmaker, messages: list[UserMessage], via_batch: bool
+) -> StoreResult:
+    """Each message in a transaction of its own: one the database refuses is rejected with
+    the database's reason, and the others are stored."""
+    result = StoreResult()
+    for message in messages:
+        try:
+            result.add(await _store_retrying(sessionmaker, [message], via_batch))
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            reason = failure_reason(exc)
+            log.warning("message rejected", extra={"index": message.index, "reason": reason})
+            result.rejected.append({"index": message.index, "error": reason})
+    return result
+
+
+async def store_messages(
+    sessionmaker: async_sessionmaker, messages: list[UserMessage], *, via_batch: bool
+) -> StoreResult:
+    """Store users and their events, committed when this returns.
+
+    Each transaction holds at most :data:`MAX_MESSAGES_PER_TRANSACTION` messages, so that a
+    large notification never keeps the database from others (the webhook inbox above all)
+    for long; a storing again of the same notification changes nothing. A transaction the
+    database refuses is replayed message by message, and only the refused ones are rejected.
+    """
+    result = StoreResult()
+    for start in range(0, len(messages), MAX_MESSAGES_PER_TRANSACTION):
+        chunk = messages[start : start + MAX_MESSAGES_PER_TRANSACTION]
+        if start:
+            # Whoever waits for the connection (a webhook's commit) takes it before the next
+            # chunk does.
+            await asyncio.sleep(0)
+        try:
+            result.add(await _store_retrying(sessionmaker, chunk, via_batch))
+        except Exception as exc:
+            if is_transient(exc) or (len(chunk) == 1 and not isinstance(exc, IntegrityError)):
+                raise
+            result.add(await _store_one_by_one(sessionmaker, chunk, via_batch))
+    return result
