@@ -43,7 +43,9 @@ def webhook(event_id: str, *, customer: str = "cust-1", **fields: Any) -> dict[s
     }
 
 
-async def post_raw(client, route: str, body: bytes | io.BytesIO, headers: dict[str, str] | None = None):
+async def post_raw(
+    client, route: str, body: bytes | io.BytesIO, headers: dict[str, str] | None = None
+):
     return await client.post(
         route, data=body, headers={"Content-Type": "application/json", **(headers or {})}
     )
