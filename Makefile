@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-CODE := connector tests migrations $(wildcard bench)
+CODE := connector tests $(wildcard bench)
 
 .PHONY: run test lint format bench screenshots clean
 

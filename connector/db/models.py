@@ -1,4 +1,5 @@
-"""Tables of the connector. Changing a table means adding an Alembic migration in migrations/."""
+"""Tables of the connector. Changing a table means adding an Alembic migration in
+connector/migrations/versions/."""
 
 from __future__ import annotations
 
