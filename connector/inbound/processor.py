@@ -188,7 +188,7 @@ class InboundProcessor:
         counts = Counter((d.status, d.event_name or "") for d in deliveries)
         for (outcome, name), count in counts.items():
             setattr(summary, outcome, getattr(summary, outcome) + count)
-            self._metrics.webhooks.labels(outcome, name).inc(count)
+            self._metrics.webhook_outcome(outcome, name, count)
 
     async def _track(
         self, session: AsyncSession, deliveries: list[_Delivery], settings: ConnectorSettings
