@@ -10,8 +10,14 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from connector.admin.security import CSRF_HEADER, SAFE_METHODS, admin_session, csrf_valid
-from connector.appkeys import config_key, secrets_key
+from connector.admin.security import (
+    CSRF_HEADER,
+    SAFE_METHODS,
+    admin_session,
+    client_address,
+    csrf_valid,
+)
+from connector.appkeys import config_key, login_throttle_key, secrets_key
 from connector.responses import json_error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -42,27 +48,45 @@ def basic_credentials(request: web.Request) -> tuple[str, str] | None:
     return user, password
 
 
-def is_admin(request: web.Request) -> bool:
-    credentials = basic_credentials(request)
-    if credentials is None:
-        return False
+def is_admin(request: web.Request, credentials: tuple[str, str]) -> bool:
     user, password = credentials
     expected = request.app[config_key].security.admin_password
     return _same(user, ADMIN_USER) & _same(password, expected)
 
 
+def _credentials_required() -> web.Response:
+    response = json_error(401, "admin credentials required")
+    response.headers["WWW-Authenticate"] = 'Basic realm="connector"'
+    return response
+
+
 def require_admin(handler: Handler) -> Handler:
     """HTTP Basic for scripts, or the settings page's session; through the session a call
-    that changes something must carry the page's CSRF token in ``X-CSRF-Token``."""
+    that changes something must carry the page's CSRF token in ``X-CSRF-Token``.
+
+    A request with Basic credentials is judged by them alone, and counts in the login form's
+    throttle: after too many wrong passwords from its address it gets ``429`` with
+    ``Retry-After``, even with the right one.
+    """
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        if is_admin(request):
+        credentials = basic_credentials(request)
+        if credentials is not None:
+            throttle = request.app[login_throttle_key]
+            client = client_address(request)
+            wait = throttle.retry_after(client)
+            if wait:
+                response = json_error(429, f"too many failed attempts; try again in {wait} seconds")
+                response.headers["Retry-After"] = str(wait)
+                return response
+            if not is_admin(request, credentials):
+                throttle.failed(client)
+                return _credentials_required()
+            throttle.succeeded(client)
             return await handler(request)
         session = admin_session(request)
         if session is None:
-            response = json_error(401, "admin credentials required")
-            response.headers["WWW-Authenticate"] = 'Basic realm="connector"'
-            return response
+            return _credentials_required()
         if request.method not in SAFE_METHODS and not csrf_valid(
             session, request.headers.get(CSRF_HEADER)
         ):

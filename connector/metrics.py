@@ -5,7 +5,46 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from connector.inbound.mapping import OBJECT_NAMES, event_name
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+KNOWN_METRICS = (
+    "drafted",
+    "attempted",
+    "sent",
+    "delivered",
+    "opened",
+    "clicked",
+    "converted",
+    "bounced",
+    "dropped",
+    "deferred",
+    "spammed",
+    "failed",
+    "undeliverable",
+    "subscribed",
+    "unsubscribed",
+    "cio_subscription_preferences_changed",
+)
+"""The metrics of Customer.io's reporting webhooks, over all channels."""
+
+KNOWN_EVENT_NAMES = frozenset(
+    event_name(object_type, metric) for object_type in OBJECT_NAMES for metric in KNOWN_METRICS
+)
+"""The ``event`` label values of ``connector_webhooks``: each known object type with each
+known metric.
+
+Webhook payloads are written by whoever holds the URL; every distinct label value is a time
+series kept in memory until the process ends, so anything else is counted as
+:data:`OTHER_EVENT`."""
+
+OTHER_EVENT = "other"
+
+
+def webhook_event_label(name: str) -> str:
+    """``name`` if it is a known event name (or ``""``: no event), else ``"other"``."""
+    return name if not name or name in KNOWN_EVENT_NAMES else OTHER_EVENT
 
 
 class Metrics:
@@ -58,6 +97,10 @@ class Metrics:
             ["queue"],
             registry=self.registry,
         )
+
+    def webhook_outcome(self, outcome: str, name: str = "", count: int = 1) -> None:
+        """Count ``count`` webhooks with ``outcome``, their event ``name`` bounded."""
+        self.webhooks.labels(outcome, webhook_event_label(name)).inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,10 +1,14 @@
-"""Who is logged in to the settings page: the session cookie, CSRF tokens, login throttling.
+"""Who is logged in to the settings page: the session cookie, CSRF tokens, the same-origin
+check, login throttling.
 
 The session is a small JSON document in a cookie signed with ``security.secret_key``
-(itsdangerous' timestamped HMAC signature): nothing is kept on the server, so every instance
-sharing the secret key accepts it, and a changed secret key logs everybody out. It holds only
-the "logged in" flag and the CSRF token; the cookie is ``HttpOnly``, ``SameSite=Lax``,
-``Secure`` when the public URL is https, and refused after :data:`SESSION_MAX_AGE_SECONDS`.
+(itsdangerous' timestamped HMAC signature), so every instance sharing the secret key accepts
+it, and a changed secret key logs everybody out. It holds the "logged in" flag, a random
+session id, the moment it ends and the CSRF token; the cookie is ``HttpOnly``,
+``SameSite=Lax``, ``Secure`` when the public URL is https. A logged-in session ends
+:data:`SESSION_MAX_AGE_SECONDS` after logging in, or at logout: logging out records its id as
+revoked in the database, which every instance reads for each request carrying a logged-in
+cookie, so a copied cookie stops working everywhere at once.
 """
 
 from __future__ import annotations
@@ -15,12 +19,17 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from yarl import URL
 
 from connector.appkeys import admin_sessions_key, config_key
+from connector.db.kv import delete_stale, get_value, put_value
+from connector.db.types import utcnow
 
 SESSION_COOKIE = "connector_session"
 # A working day: an operator setting the connector up is not logged out half-way.
@@ -42,6 +51,10 @@ MAX_TRACKED_CLIENTS = 10_000
 
 _ADMIN = "admin"
 _CSRF = "csrf"
+_ID = "sid"
+_ENDS = "ends"
+# Key prefix of revoked session ids in the key-value table.
+_REVOKED = "revoked-session:"
 
 
 class Session(dict[str, Any]):
@@ -69,13 +82,15 @@ _session_key = web.RequestKey("admin_session", Session)
 
 
 class AdminSessions:
-    """Reads and writes the session cookie, signed under the secret key."""
+    """Reads and writes the session cookie, signed under the secret key, and revokes sessions
+    in the database at logout."""
 
-    def __init__(self, secret_key: str, *, secure: bool):
+    def __init__(self, secret_key: str, sessionmaker: async_sessionmaker, *, secure: bool):
         self._serializer = URLSafeTimedSerializer(secret_key, salt=_SALT)
+        self._sessionmaker = sessionmaker
         self._secure = secure
 
-    def load(self, request: web.Request) -> Session:
+    async def load(self, request: web.Request) -> Session:
         cookie = request.cookies.get(SESSION_COOKIE)
         if not cookie:
             return Session()
@@ -83,7 +98,33 @@ class AdminSessions:
             data = self._serializer.loads(cookie, max_age=SESSION_MAX_AGE_SECONDS)
         except BadSignature:
             return Session()
-        return Session(data if isinstance(data, dict) else None)
+        if not isinstance(data, dict):
+            return Session()
+        if data.get(_ADMIN) is True and not await self._still_valid(data):
+            return Session()
+        return Session(data)
+
+    async def _still_valid(self, data: dict[str, Any]) -> bool:
+        """A logged-in session has an id, has not ended and was not logged out (on any
+        instance); only this costs a database read, and only for logged-in cookies."""
+        session_id, ends = data.get(_ID), data.get(_ENDS)
+        if not isinstance(session_id, str) or not isinstance(ends, int | float):
+            return False
+        if ends <= time.time():
+            return False
+        async with self._sessionmaker() as db:
+            return await get_value(db, _REVOKED + session_id) is None
+
+    async def revoke(self, session: Session) -> None:
+        """Refuse ``session``'s id from now on, and forget revocations of sessions that have
+        ended anyway: each is kept for a session's lifetime after its logout."""
+        session_id = session.get(_ID)
+        if not isinstance(session_id, str):
+            return
+        now = utcnow()
+        async with self._sessionmaker() as db, db.begin():
+            await delete_stale(db, _REVOKED, now - timedelta(seconds=SESSION_MAX_AGE_SECONDS))
+            await put_value(db, _REVOKED + session_id, {"ends": session.get(_ENDS)})
 
     def save(self, response: web.StreamResponse, session: Session) -> None:
         if not session:
@@ -106,7 +147,7 @@ async def sessions(request: web.Request, handler) -> web.StreamResponse:
     if not request.path.startswith(SESSION_PATHS):
         return await handler(request)
     store = request.app[admin_sessions_key]
-    session = request[_session_key] = store.load(request)
+    session = request[_session_key] = await store.load(request)
     try:
         response = await handler(request)
     except web.HTTPException as exc:
@@ -154,16 +195,54 @@ def csrf_valid(session: Session, given: str | None) -> bool:
 
 
 def log_in(request: web.Request) -> Session:
-    """A fresh session for the admin, with a new CSRF token."""
+    """A fresh session for the admin, with a new id and CSRF token, ending in
+    :data:`SESSION_MAX_AGE_SECONDS`."""
     session = get_session(request)
     session.invalidate()
     session[_ADMIN] = True
+    session[_ID] = secrets.token_urlsafe(16)
+    session[_ENDS] = int(time.time()) + SESSION_MAX_AGE_SECONDS
     csrf_token(session)
     return session
 
 
-def log_out(request: web.Request) -> None:
-    get_session(request).invalidate()
+async def log_out(request: web.Request) -> None:
+    """End the session: its cookie, and every copy of it, is refused from now on."""
+    session = get_session(request)
+    await request.app[admin_sessions_key].revoke(session)
+    session.invalidate()
+
+
+def _origin_allowed(request: web.Request, origin: str) -> bool:
+    """``origin`` is the service's own: the public URL's, or the one the request was sent to
+    (its ``Host``, whatever the scheme, since a proxy in front may terminate TLS)."""
+    try:
+        given = URL(origin)
+    except ValueError:
+        return False
+    if given.scheme not in ("http", "https") or not given.host:
+        return False
+    public = URL(request.app[config_key].server.public_url)
+    if (given.scheme, given.host, given.port) == (public.scheme, public.host, public.port):
+        return True
+    try:
+        served = URL.build(scheme=given.scheme, authority=request.host)
+    except ValueError:
+        return False
+    return (served.host, served.port) == (given.host, given.port)
+
+
+def cross_site_refusal(request: web.Request) -> str | None:
+    """Why a state-changing request to the page or the admin API is refused, if it is: an
+    ``Origin`` header (browsers send one with every cross-site request that is not GET or HEAD)
+    naming another site, or ``null``. Without ``Origin`` (scripts, older browsers) it passes, and
+    the CSRF token or HTTP Basic still decide."""
+    if request.method in SAFE_METHODS or not request.path.startswith(SESSION_PATHS):
+        return None
+    origin = request.headers.get("Origin")
+    if origin is None or _origin_allowed(request, origin):
+        return None
+    return f"cross-site request refused: Origin {origin[:100]} is not this service"
 
 
 def client_address(request: web.Request) -> str:

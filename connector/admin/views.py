@@ -63,15 +63,42 @@ def _see_other(location: str) -> web.HTTPSeeOther:
     return web.HTTPSeeOther(location)
 
 
+class UnreadableForm(Exception):
+    """The body is not a form aiohttp can decode: unknown charset, invalid UTF-8, a multipart
+    body without its boundary or with a part it cannot decode."""
+
+
+async def read_form(request: web.Request) -> MultiDictProxy:
+    try:
+        return await request.post()
+    except (ValueError, LookupError, RuntimeError) as exc:
+        # ValueError covers UnicodeDecodeError and multipart framing; LookupError an unknown
+        # charset; RuntimeError an unknown Content-Transfer-Encoding of a part.
+        raise UnreadableForm(str(exc)[:200]) from exc
+
+
+def _unreadable(request: web.Request, exc: UnreadableForm) -> web.Response:
+    context = {"title": "Form not readable", "message": _unreadable_message(exc)}
+    return aiohttp_jinja2.render_template("refused.html", request, context, status=400)
+
+
+def _unreadable_message(exc: UnreadableForm) -> str:
+    return f"The form could not be read ({exc}). Nothing was changed."
+
+
 def login_required(handler: Handler) -> Handler:
-    """Anonymous requests go to the login form; a form post must carry the session's token."""
+    """Anonymous requests go to the login form; a form post must be readable and carry the
+    session's token."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         session = admin_session(request)
         if session is None:
             raise _see_other(LOGIN)
         if request.method == "POST":
-            form = await request.post()
+            try:
+                form = await read_form(request)
+            except UnreadableForm as exc:
+                return _unreadable(request, exc)
             if not csrf_valid(session, _text(form.get(CSRF_FIELD))):
                 return _forbidden(request)
         return await handler(request)
@@ -109,7 +136,10 @@ async def _render_login(
 async def login(request: web.Request) -> web.StreamResponse:
     throttle = request.app[login_throttle_key]
     client = client_address(request)
-    form = await request.post()
+    try:
+        form = await read_form(request)
+    except UnreadableForm as exc:
+        return await _render_login(request, _unreadable_message(exc), status=400)
     session = get_session(request)
     if not csrf_valid(session, _text(form.get(CSRF_FIELD))):
         return _forbidden(request)
@@ -130,7 +160,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 @login_required
 async def logout(request: web.Request) -> web.StreamResponse:
-    log_out(request)
+    await log_out(request)
     raise _see_other(LOGIN)
 
 
@@ -259,7 +289,7 @@ def form_patch(form: MultiDictProxy) -> dict[str, Any]:
 
 @login_required
 async def save(request: web.Request) -> web.StreamResponse:
-    patch = form_patch(await request.post())
+    patch = form_patch(await read_form(request))
     try:
         await save_settings(request.app, patch)
     except ValidationError as exc:
@@ -273,7 +303,7 @@ async def save(request: web.Request) -> web.StreamResponse:
 @login_required
 async def test_connection(request: web.Request) -> web.StreamResponse:
     """Check the credentials on the form; an empty API key field means the stored key."""
-    patch = form_patch(await request.post())
+    patch = form_patch(await read_form(request))
     stored = await request.app[settings_key].load()
     site_id = patch.get("site_id", stored.site_id)
     api_key = patch.get("api_key") or stored.api_key

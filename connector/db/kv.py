@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -36,6 +37,16 @@ async def put_if_absent(session: AsyncSession, key: str, value: Any) -> Any:
     statement = insert(KeyValue).values(key=key, value=value, updated_at=utcnow())
     await session.execute(statement.on_conflict_do_nothing(index_elements=["key"]))
     return await get_value(session, key)
+
+
+async def delete_stale(session: AsyncSession, prefix: str, before: datetime) -> int:
+    """Delete the documents under ``prefix`` last written before ``before``; how many went."""
+    result = await session.execute(
+        delete(KeyValue).where(
+            KeyValue.key.startswith(prefix, autoescape=True), KeyValue.updated_at < before
+        )
+    )
+    return result.rowcount
 
 
 class KeyValueStore:

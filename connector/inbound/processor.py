@@ -195,7 +195,7 @@ class InboundProcessor:
         counts = Counter((d.status, d.event_name or "") for d in deliveries)
         for (outcome, name), count in counts.items():
             setattr(summary, outcome, getattr(summary, outcome) + count)
-            self._metrics.webhooks.labels(outcome, name).inc(count)
+            self._metrics.webhook_outcome(outcome, name, count)
 
     async def _process_one_by_one(
         self, deliveries: list[_Delivery], events: list[_Delivery], settings: ConnectorSettings
