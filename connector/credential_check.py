@@ -38,14 +38,16 @@ class CredentialChecker:
     async def record(self, result: CredentialCheck) -> None:
         """Store the verdict on the stored credentials, as ``/status`` shows it.
 
-        Only a 401 makes them ``invalid``; a timeout or a 5xx says nothing about them.
+        Only a 401 makes them ``invalid``; a timeout or a 5xx says nothing about them, but
+        Customer.io could not be reached with them: ``unreachable``, an error until a later
+        check or pass gets through.
         """
         if result.ok:
             await self._credentials.record("valid", result.reason)
         elif result.unauthorized:
             await self._credentials.record("invalid", result.reason)
         else:
-            await self._credentials.record("unknown", f"check failed: {result.reason}")
+            await self._credentials.record("unreachable", result.reason)
 
     async def check_stored(self) -> CredentialCheck | None:
         """Check and record the stored credentials; ``None`` when there are none to check."""

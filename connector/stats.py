@@ -137,6 +137,7 @@ async def service_status(
     """What ``GET /status`` reports: the rules of :func:`compute_status` over stored facts."""
     current = await settings.load()
     checked = await credentials.get()
+    call_failures = await credentials.call_failures()
     async with sessionmaker() as session:
         last_run = await last_finished_run(session)
         failed = await session.scalar(select(func.count()).where(_failed_for_good()))
@@ -147,4 +148,12 @@ async def service_status(
             .limit(1)
         )
     last_error = last_run.error if last_run is not None else None
-    return compute_status(current, checked, last_error, failed or 0, forwarding_error)
+    return compute_status(
+        current,
+        checked,
+        last_error,
+        failed or 0,
+        forwarding_error,
+        last_run_at=last_run.finished_at if last_run is not None else None,
+        call_failures=call_failures,
+    )

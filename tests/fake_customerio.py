@@ -13,10 +13,13 @@ Follows Customer.io's documentation (Journeys Track API and "Invalid API request
   which are URLs and screen titles, under 500 characters), event ``data`` an object of at most
   100,000 bytes, event ``type`` one of ``event``/``page``/``screen``.
 - Optionally the fair-use rate limit (a token bucket with one second of burst): 429.
+- Optionally a seeded mix of faults (:meth:`FakeCustomerIO.fault_mix`): 429, 500, 503 and
+  answers held past the client's timeout, some of them applied all the same.
 
 Tests control it directly (:meth:`FakeCustomerIO.fail_next`, :meth:`FakeCustomerIO.slow_next`,
-``latency``, :meth:`FakeCustomerIO.reset`) and read ``requests``, ``customers``,
-``deleted`` and ``events``. Run as a script it serves benchmarks, keeping counts only::
+:meth:`FakeCustomerIO.fault_mix`, ``latency``, :meth:`FakeCustomerIO.reset`) and read
+``requests``, ``customers``, ``deleted``, ``events`` and ``faults``. Run as a script it serves
+benchmarks, keeping counts only::
 
     python tests/fake_customerio.py --port 0 --latency-ms 50 --rate-limit 100 --ca-file ca.pem
 
@@ -30,8 +33,10 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import hashlib
 import hmac
 import json
+import random
 import shutil
 import signal
 import socket
@@ -60,6 +65,10 @@ MAX_EVENT_DATA_BYTES = 100_000
 # a 400 instead of eating memory. Generous enough for any valid request.
 MAX_BODY_BYTES = 1_000_000
 EVENT_TYPES = ("event", "page", "screen")
+FAULT_KINDS = ("429", "500", "503", "timeout", "applied_timeout")
+"""What :meth:`FakeCustomerIO.fault_mix` draws from, equally often: ``timeout`` holds the
+answer past the client's timeout without applying the request, ``applied_timeout`` applies
+it first (the client cannot tell the two apart)."""
 REGION_URLS = {"us": "https://track.customer.io", "eu": "https://track-eu.customer.io"}
 
 
@@ -89,6 +98,7 @@ class _Rule:
     status: int = 0
     body: Any = None
     delay: float = 0.0
+    headers: dict[str, str] | None = None
 
     def matches(self, method: str, path: str) -> bool:
         if self.method is not None and self.method.upper() != method:
@@ -114,6 +124,30 @@ class _RateLimiter:
             self.tokens -= 1
             return True
         return False
+
+
+@dataclass
+class _FaultMix:
+    """A seeded share of faulty answers, the same whatever order requests arrive in.
+
+    The fate of a request depends only on the seed, the request (method, path, body) and how
+    many times that same request came before, so a run is reproducible with any concurrency.
+    """
+
+    rate: float
+    seed: int
+    hold: float
+    retry_after: str | None
+    seen: Counter[str] = field(default_factory=Counter)
+
+    def draw(self, method: str, raw_path: str, body: bytes) -> str | None:
+        key = hashlib.sha256(f"{self.seed}\0{method}\0{raw_path}\0".encode() + body).hexdigest()
+        occurrence = self.seen[key]
+        self.seen[key] += 1
+        rng = random.Random(f"{key}:{occurrence}")
+        if rng.random() >= self.rate:
+            return None
+        return rng.choice(FAULT_KINDS)
 
 
 class _Rejected(Exception):
@@ -182,8 +216,11 @@ class FakeCustomerIO:
         self.events: list[dict[str, Any]] = []
         self.counts: Counter[int] = Counter()
         self.operations: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter()
+        """Faults the :meth:`fault_mix` injected, by kind."""
         self._event_ids: set[str] = set()
         self._rules: list[_Rule] = []
+        self._mix: _FaultMix | None = None
         self._limiter = _RateLimiter(self.rate_limit) if self.rate_limit else None
 
     def set_rate_limit(self, rate_per_second: float | None) -> None:
@@ -197,15 +234,33 @@ class FakeCustomerIO:
         method: str | None = None,
         path: str | None = None,
         body: Any = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Answer ``status`` to the next ``times`` API requests matching method and path prefix.
 
         ``body`` is sent as JSON, or as plain text when it is a string; by default it is a
-        Customer.io-style ``{"meta": {"error": ...}}``.
+        Customer.io-style ``{"meta": {"error": ...}}``. ``headers`` go with the answer
+        (``{"Retry-After": "1"}``).
         """
         if body is None:
             body = {"meta": {"error": f"injected failure {status}"}}
-        self._rules.append(_Rule(times, method, path, status=status, body=body))
+        self._rules.append(_Rule(times, method, path, status=status, body=body, headers=headers))
+
+    def fault_mix(
+        self,
+        rate: float,
+        *,
+        seed: int = 0,
+        hold: float = 1.0,
+        retry_after: str | None = None,
+    ) -> None:
+        """From now on, answer a ``rate`` share of API requests with one of :data:`FAULT_KINDS`.
+
+        Held answers wait ``hold`` seconds (make it longer than the client's timeout); a 429
+        carries ``Retry-After: retry_after`` when given. Scripted rules
+        (:meth:`fail_next`) go first. ``rate=0`` turns the mix off.
+        """
+        self._mix = _FaultMix(rate, seed, hold, retry_after) if rate > 0 else None
 
     def slow_next(
         self, delay: float, times: int = 1, method: str | None = None, path: str | None = None
@@ -308,6 +363,11 @@ class FakeCustomerIO:
             self.requests.append(entry)
 
         delay, failure = self._take_rules(request.method, path)
+        fault = None
+        if self._mix is not None and failure is None and auth_ok:
+            fault = self._mix.draw(request.method, raw_path, raw)
+            if fault is not None:
+                self.faults[fault] += 1
         await self._wait(self.latency + delay)
         if failure is not None and isinstance(failure.body, str):
             response = web.Response(text=failure.body, status=failure.status)
@@ -315,6 +375,12 @@ class FakeCustomerIO:
             response = web.json_response(failure.body, status=failure.status)
         elif not auth_ok:
             response = _error(401, "Unauthorized request")
+        elif fault in ("429", "500", "503"):
+            response = _error(int(fault), f"injected fault {fault}")
+            if fault == "429" and self._mix is not None and self._mix.retry_after is not None:
+                response.headers["Retry-After"] = self._mix.retry_after
+        elif fault == "timeout":
+            response = _error(504, "injected timeout")
         elif self._limiter is not None and not self._limiter.allow():
             response = _error(429, "rate limit exceeded")
         else:
@@ -322,6 +388,11 @@ class FakeCustomerIO:
                 response = self._route(request.method, segments, raw, body)
             except _Rejected as rejected:
                 response = _error(rejected.status, rejected.message)
+        if failure is not None and failure.headers:
+            response.headers.update(failure.headers)
+        if fault in ("timeout", "applied_timeout") and self._mix is not None:
+            # Answered only after the client gave up: applied or not, it saw a timeout.
+            await self._wait(self._mix.hold)
         entry.status = response.status
         self.counts[response.status] += 1
         return response

@@ -162,6 +162,9 @@ def test_attribute_value_converts_dates_only_for_date_names(
         ("score", 10**1000, "value is 1001 bytes, over Customer.io's 1000-byte limit"),
         ("flag", True, None),
         ("nothing", None, None),
+        ("plan", "\ud800", f"value {mapping.NOT_UTF8}"),
+        ("address", {"city": ["ok", "x\udfff"]}, f"value {mapping.NOT_UTF8}"),
+        ("pl\ud800n", "pro", f"name {mapping.NOT_UTF8}"),
     ],
 )
 def test_attribute_error_applies_utf8_byte_limits(
@@ -195,6 +198,7 @@ def test_byte_size_measures_utf8_and_compact_json(value: Any, expected: int) -> 
         ("x" * 151, "customer id is 151 bytes, over Customer.io's 150-byte limit"),
         ("日" * 50, None),
         ("日" * 51, "customer id is 153 bytes, over Customer.io's 150-byte limit"),
+        ("ext-\ud800", f"customer id {mapping.NOT_UTF8}"),
     ],
 )
 def test_customer_id_error_applies_150_byte_limit(customer_id: str, expected: str | None) -> None:
@@ -214,6 +218,9 @@ def test_customer_id_error_applies_150_byte_limit(customer_id: str, expected: st
             False,
             "event data is 100011 bytes, over Customer.io's 100000-byte limit",
         ),
+        ("Signed \ud800", {}, False, f"event name {mapping.NOT_UTF8}"),
+        ("https://example.com/\ud800", {}, True, f"event name {mapping.NOT_UTF8}"),
+        ("Signed Up", {"plan": "\ud800"}, False, f"event data {mapping.NOT_UTF8}"),
     ],
 )
 def test_event_error_applies_event_limits(
@@ -404,6 +411,11 @@ def test_event_ulid_time_part_is_event_time_in_ms(
 
     assert len(value) == 26
     assert ULID.from_str(value).milliseconds == expected_ms
+
+
+def test_event_ulid_of_an_id_with_a_lone_surrogate_is_stable() -> None:
+    first = mapping.event_ulid("ev-\ud800", None)
+    assert first == mapping.event_ulid("ev-\ud800", None) and len(first) == 26
 
 
 def test_event_ulid_random_part_is_sha256_of_event_id() -> None:

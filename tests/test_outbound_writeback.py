@@ -78,8 +78,10 @@ async def test_writeback_batch_gives_each_user_its_own_outcome(make_config, fake
                 full_hash="hash-1",
                 event_results={"e1-1": ("sent", None), "e1-2": ("sent", None)},
             ),
-            "u2": UserOutcome(status="retry", customer_id="ext-2", reason="HTTP 503"),
-            "u3": UserOutcome(status="retry", customer_id="ext-3", reason="gave up: HTTP 500"),
+            "u2": UserOutcome(status="retry", customer_id="ext-2", reason="HTTP 503", attempts=1),
+            "u3": UserOutcome(
+                status="retry", customer_id="ext-3", reason="gave up: HTTP 500", attempts=1
+            ),
             "u4": UserOutcome(
                 status="failed",
                 customer_id="ext-4",

@@ -223,6 +223,21 @@ def test_token_bucket_set_rate_rejects_a_rate_that_is_not_positive(rate):
     assert bucket.rate_per_second == 10
 
 
+async def test_token_bucket_pause_holds_every_later_caller(vtime):
+    bucket = TokenBucket(10, capacity=5, clock=vtime.clock, sleep=vtime.sleep)
+    assert bucket.reserve() == 0.0
+    bucket.pause(2.0)
+    waits = [bucket.reserve() for _ in range(3)]
+    assert waits == pytest.approx([2.0, 2.1, 2.2])
+
+
+def test_token_bucket_shorter_pause_does_not_shorten_a_longer_one(vtime):
+    bucket = TokenBucket(10, clock=vtime.clock, sleep=vtime.sleep)
+    bucket.pause(3.0)
+    bucket.pause(1.0)
+    assert bucket.reserve() == pytest.approx(3.0)
+
+
 @pytest.mark.parametrize(
     ("total", "active", "share"),
     [

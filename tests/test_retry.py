@@ -1,7 +1,16 @@
+from datetime import UTC, datetime
+
 import pytest
 
 from connector.outbound.operations import SendOutcome
-from connector.outbound.retry import backoff_delay, classify_status, gives_up, is_retryable_status
+from connector.outbound.retry import (
+    backoff_delay,
+    classify_status,
+    gives_up,
+    is_retryable_status,
+    parse_retry_after,
+    throttle_pause,
+)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +48,7 @@ def test_is_retryable_status_only_429_and_5xx(status, retryable):
         (403, SendOutcome.FAIL),
         (404, SendOutcome.FAIL),
         (422, SendOutcome.FAIL),
-        (429, SendOutcome.RETRY),
+        (429, SendOutcome.THROTTLED),
         (500, SendOutcome.RETRY),
         (503, SendOutcome.RETRY),
     ],
@@ -82,6 +91,49 @@ def test_backoff_delay_stays_within_range_with_real_randomness():
 def test_backoff_delay_rejects_attempt_zero():
     with pytest.raises(ValueError):
         backoff_delay(0, 2.0, 900.0)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("3", 3.0),
+        (" 0.5 ", 0.5),
+        ("-4", 0.0),
+        ("soon", None),
+        ("inf", None),
+        ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),
+        ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),
+    ],
+)
+def test_parse_retry_after_reads_seconds_or_an_http_date(header, expected):
+    now = datetime(2015, 10, 21, 7, 28, 0, tzinfo=UTC)
+    assert parse_retry_after(header, now=now) == expected
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "consecutive", "expected"),
+    [
+        (None, 1, 2.0),
+        (None, 2, 4.0),
+        (None, 4, 16.0),
+        (None, 20, 60.0),
+        (None, 10_000, 60.0),
+        (5.0, 1, 5.0),
+        (5.0, 7, 5.0),
+        (600.0, 1, 60.0),
+        (0.0, 3, 0.0),
+    ],
+)
+def test_throttle_pause_honours_retry_after_else_doubles_up_to_the_cap(
+    retry_after, consecutive, expected
+):
+    assert throttle_pause(retry_after, consecutive, 2.0, 60.0) == expected
+
+
+def test_throttle_pause_rejects_consecutive_zero():
+    with pytest.raises(ValueError):
+        throttle_pause(None, 0, 2.0, 60.0)
 
 
 @pytest.mark.parametrize(

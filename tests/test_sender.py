@@ -50,6 +50,7 @@ async def make_sender(fake_cio):
         timeout: float = 5.0,
         concurrency: int = 4,
         bucket: TokenBucket | None = None,
+        throttle_base_seconds: float = 1.0,
     ) -> CustomerIOSender:
         config = CustomerioConfig(
             track_host=fake_cio.host if track_host is None else track_host,
@@ -63,6 +64,7 @@ async def make_sender(fake_cio):
             config,
             concurrency=concurrency,
             bucket=bucket or TokenBucket(1000, capacity=100),
+            throttle_base_seconds=throttle_base_seconds,
         )
         senders.append(sender)
         return sender
@@ -219,14 +221,37 @@ async def test_sender_wrong_api_key_is_unauthorized(make_sender, fake_cio):
     assert fake_cio.customers == {}
 
 
-async def test_sender_429_is_retry(sender, fake_cio):
-    fake_cio.fail_next(429)
+async def test_sender_429_is_throttled_and_pauses_every_later_request(make_sender, fake_cio):
+    sender = make_sender(bucket=TokenBucket(1000), concurrency=4)
+    fake_cio.fail_next(429, headers={"Retry-After": "1"})
 
     result = await sender.send(event(customer_id="u1"))
+    others = await asyncio.gather(*(sender.send(Identify(f"u{n}", {"n": n})) for n in range(3)))
 
-    assert result.outcome is SendOutcome.RETRY
+    assert result.outcome is SendOutcome.THROTTLED
     assert result.status == 429
-    assert len(fake_cio.requests) == 1
+    assert result.retry_after == 1.0
+    assert all(r.ok for r in others)
+    first, *later = fake_cio.requests
+    # Retry-After holds the whole sender, not just the throttled operation.
+    assert min(r.at for r in later) - first.at >= 0.9
+
+
+async def test_sender_429_without_retry_after_pauses_with_a_growing_backoff(make_sender, fake_cio):
+    sender = make_sender(bucket=TokenBucket(1000), concurrency=1, throttle_base_seconds=0.05)
+    pauses = []
+    fake_cio.fail_next(429, times=3)
+
+    for _ in range(3):
+        pauses.append((await sender.send(Identify("u1", {"n": 1}))).retry_after)
+    assert (await sender.send(Identify("u1", {"n": 1}))).ok
+    fake_cio.fail_next(429)
+    after_success = (await sender.send(Identify("u1", {"n": 1}))).retry_after
+
+    # The sender's own backoff, doubling while 429s keep coming...
+    assert pauses == pytest.approx([0.05, 0.1, 0.2])
+    # ...and back to the start once a request went through.
+    assert after_success == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
@@ -470,7 +495,7 @@ def test_parse_track_host_splits_host_and_port(track_host, expected):
         (
             "429: https://h/api/v1/events {'data': {'x': 'SECRET'}} "
             '{"meta": {"error": "rate limited"}}\n',
-            SendOutcome.RETRY,
+            SendOutcome.THROTTLED,
             429,
             "HTTP 429: rate limited",
         ),

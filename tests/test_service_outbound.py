@@ -12,6 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+from sqlalchemy import update
+
+from connector.appkeys import sessionmaker_key
+from connector.db.models import User
+from connector.outbound.retry import THROTTLE_RESENDS
+
 from .conftest import ADMIN, INGEST
 from .helpers import event, message, notification
 
@@ -319,20 +326,23 @@ async def test_outbound_over_limit_attribute_is_left_out_with_reason(start_app, 
     assert user["sync"]["status"] == "synced"
 
 
-async def test_outbound_429_is_retried_on_a_later_pass(start_app, fake_cio):
-    client = await start_app()
+async def test_outbound_429_beyond_the_resends_is_retried_on_a_later_pass(start_app, fake_cio):
+    client = await start_app(sync={"max_attempts": 1})
     await notify(client, message())
-    fake_cio.fail_next(429)
+    fake_cio.fail_next(429, times=THROTTLE_RESENDS + 1)
     await sync(client)
     user = await get_user(client, "u1")
     assert user["sync"]["status"] == "retrying"
-    assert user["sync"]["attempts"] == 1
+    # Backpressure, not a failure: no attempt counted, so even max_attempts = 1 is not used up.
+    assert user["sync"]["attempts"] == 0
     assert "429" in user["customerio"]["last_error"]
     assert "ext-1" not in fake_cio.customers
 
     await asyncio.sleep(0.1)
     await sync(client)
-    assert [r.status for r in fake_cio.requests_for("PUT")] == [429, 200]
+    assert [r.status for r in fake_cio.requests_for("PUT")] == [429] * (THROTTLE_RESENDS + 1) + [
+        200
+    ]
     user = await get_user(client, "u1")
     assert user["sync"]["status"] == "synced"
     assert user["sync"]["attempts"] == 0
@@ -447,3 +457,73 @@ async def test_outbound_api_sync_starts_a_pass_when_the_schedule_is_off(start_ap
             break
         await asyncio.sleep(0.05)
     assert len(identify_bodies(fake_cio, "ext-1")) == 1
+
+
+# -- bad stored data never stalls a pass (SPEC §12) -----------------------------------------
+
+
+async def _poison(client, user_id: str, **columns: Any) -> None:
+    """Overwrite a stored user's columns behind the service's back, as data stored before the
+    notification checks existed would be."""
+    async with client.app[sessionmaker_key]() as session, session.begin():
+        await session.execute(update(User).where(User.id == user_id).values(**columns))
+
+
+async def test_outbound_lone_surrogate_attribute_is_left_out_and_the_user_syncs(
+    start_app, fake_cio, db_url
+):
+    if db_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's jsonb refuses lone surrogates: such data cannot be stored")
+    client = await start_app()
+    await configure(client, synchronized_attributes=["plan", "first_name"])
+    await notify(
+        client,
+        *(
+            message(f"u{i}", external_id=f"ext-{i}", plan="pro", first_name="Ana")
+            for i in range(40)
+        ),
+    )
+    await _poison(client, "u7", attributes={"plan": "\ud800", "first_name": "Ana"})
+
+    summary = await sync(client)
+
+    assert summary["sent"] == 40 and summary["failed"] == 0 and summary["error"] is None
+    assert len(fake_cio.customers) == 40
+    assert fake_cio.customers["ext-7"]["first_name"] == "Ana"
+    assert "plan" not in fake_cio.customers["ext-7"]
+    user = await get_user(client, "u7")
+    assert user["sync"]["status"] == "synced" and user["sync"]["pending"] is False
+    assert "UTF-8" in user["sync"]["attribute_errors"]["plan"]
+
+
+async def test_outbound_user_that_cannot_be_processed_is_quarantined_and_the_pass_goes_on(
+    start_app, fake_cio
+):
+    client = await start_app(sync={"concurrency": 2, "claim_batch_size": 10})
+    await configure(client, events_filter=["Signed Up"])
+    await notify(
+        client,
+        *(
+            message(f"u{i}", external_id=f"ext-{i}", events=[event(f"ev-{i}", "Signed Up")])
+            for i in range(40)
+        ),
+    )
+    # Segments that are not objects: planning this user raises, whatever the rules say.
+    await _poison(client, "u7", segments=[["seg-paying"]])
+
+    for _ in range(3):
+        summary = await sync(client)
+        assert summary["error"] is None
+
+    assert len(fake_cio.customers) == 39 and "ext-7" not in fake_cio.customers
+    assert len(fake_cio.events) == 39
+    user = await get_user(client, "u7")
+    assert user["sync"]["status"] == "failed"
+    assert user["sync"]["pending"] is False
+    assert "could not be processed" in user["customerio"]["last_error"]
+    assert user["events"][0]["status"] == "failed"
+    for other in ("u0", "u6", "u8", "u39"):
+        assert (await get_user(client, other))["sync"]["status"] == "synced"
+    status = await (await client.get("/status")).json()
+    assert status["status"] == "error"
+    assert any("1 user(s) failed" in m for m in status["messages"])

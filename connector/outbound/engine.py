@@ -4,6 +4,11 @@ Users are worked on ``sync.concurrency`` at a time; each user's calls go out in 
 (identify chunks, then events), and the sender paces all of them with the rate limit. The next
 batch is claimed while the last users of the current one are still being sent, and finished
 users are written back many to a transaction (:class:`_WriteBack`).
+
+A pass fails per user, never as a whole: a user whose planning or sending raises is
+quarantined (``failed``, with the reason) and the others go on. A 429 is sent again after the
+sender's pause without counting an attempt; a 5xx or a timeout counts against the operation
+that got it only (:meth:`SyncEngine._retry_at`).
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ from connector.outbound.operations import (
     PlanAction,
     Sender,
     SendOutcome,
+    SendResult,
     Track,
     UserPlan,
 )
 from connector.outbound.planner import plan_user
 from connector.outbound.repository import ClaimedUser, OutboundRepository, UserOutcome
-from connector.outbound.retry import backoff_delay, gives_up
+from connector.outbound.retry import THROTTLE_RESENDS, backoff_delay, gives_up
 from connector.settings import ConnectorSettings
 
 log = logging.getLogger("connector.outbound")
@@ -88,6 +94,31 @@ class SyncSummary:
         }
 
 
+@dataclass
+class CallLog:
+    """The Track API calls of a pass so far: how many went through, how many failed (429, 5xx,
+    timeouts, connection errors) and the last failure's reason. Updated as answers come in."""
+
+    ok: int = 0
+    failed: int = 0
+    last_failure: str | None = None
+
+    def record(self, result: SendResult) -> None:
+        if result.ok:
+            self.ok += 1
+        elif result.outcome in (SendOutcome.RETRY, SendOutcome.THROTTLED):
+            self.failed += 1
+            self.last_failure = result.reason
+
+
+def _quarantine(outcome: UserOutcome, stage: str, error: Exception) -> UserOutcome:
+    """Mark a user that could not be processed as failed, keeping what this pass did for it."""
+    outcome.status = "failed"
+    # The type only: an exception's text may carry the user's data.
+    outcome.reason = f"could not be processed ({stage} raised {type(error).__name__})"
+    return outcome
+
+
 class UnauthorizedError(Exception):
     """Customer.io refused the credentials; the pass stopped."""
 
@@ -117,6 +148,21 @@ _INITIAL_STATUS = {
 ProgressCallback = Callable[[UserPlan, UserOutcome], None]
 
 
+def _initial_outcome(plan: UserPlan) -> UserOutcome:
+    """What a user's outcome is before any call: the plan's verdicts on attributes and events."""
+    outcome = UserOutcome(
+        status=_INITIAL_STATUS[plan.action],
+        customer_id=plan.customer_id,
+        attribute_errors=dict(plan.attribute_errors),
+        event_results={
+            event_id: ("skipped", reason) for event_id, reason in plan.skipped_events.items()
+        },
+    )
+    if plan.action is PlanAction.SKIP:
+        outcome.reason = plan.skip_reason
+    return outcome
+
+
 class SyncEngine:
     def __init__(
         self,
@@ -134,13 +180,15 @@ class SyncEngine:
         sender: Sender,
         *,
         progress: ProgressCallback | None = None,
+        calls: CallLog | None = None,
     ) -> SyncSummary:
         """Work off every due pending user; stops early (and says so) on a 401.
 
         Returns once every outcome of the pass is committed: the summary counts only what
-        the database holds.
+        the database holds. ``calls`` is kept up to date with every Track API answer.
         """
         summary = SyncSummary()
+        calls = CallLog() if calls is None else calls
         stop = asyncio.Event()
         feed = _ClaimFeed(
             self._repository,
@@ -167,8 +215,7 @@ class SyncEngine:
                 if stop.is_set() or writer.failed:
                     untouched.append(claimed.snapshot.id)
                     return
-                plan = plan_user(claimed.snapshot, settings)
-                outcome = await self._execute(plan, sender, stop)
+                plan, outcome = await self._work(claimed, settings, sender, stop, calls)
                 writer.put(_Done(claimed, plan, outcome, self._retry_at(claimed, outcome)))
 
         workers = [asyncio.create_task(worker()) for _ in range(self._config.concurrency)]
@@ -191,35 +238,79 @@ class SyncEngine:
             summary.error = INVALID_CREDENTIALS
         return summary
 
-    async def _execute(self, plan: UserPlan, sender: Sender, stop: asyncio.Event) -> UserOutcome:
-        outcome = UserOutcome(
-            status=_INITIAL_STATUS[plan.action],
-            customer_id=plan.customer_id,
-            attribute_errors=dict(plan.attribute_errors),
-            event_results={
-                event_id: ("skipped", reason) for event_id, reason in plan.skipped_events.items()
-            },
-        )
-        if plan.action is PlanAction.SKIP:
-            outcome.reason = plan.skip_reason
-            return outcome
-        for operation in plan.operations:
-            if stop.is_set():
-                outcome.status = "released"
-                return outcome
+    async def _work(
+        self,
+        claimed: ClaimedUser,
+        settings: ConnectorSettings,
+        sender: Sender,
+        stop: asyncio.Event,
+        calls: CallLog,
+    ) -> tuple[UserPlan, UserOutcome]:
+        """Plan and send one user; whatever it raises stays with that user."""
+        user_id = claimed.snapshot.id
+        try:
+            plan = plan_user(claimed.snapshot, settings)
+        except Exception as exc:
+            log.error(
+                "user quarantined",
+                extra={"user_id": user_id, "stage": "planning", "error": type(exc).__name__},
+            )
+            outcome = _quarantine(UserOutcome(status="failed"), "planning", exc)
+            return UserPlan(user_id=user_id, action=PlanAction.SKIP), outcome
+        outcome = _initial_outcome(plan)
+        try:
+            await self._execute(plan, sender, stop, outcome, calls)
+        except Exception as exc:
+            log.error(
+                "user quarantined",
+                extra={"user_id": user_id, "stage": "sending", "error": type(exc).__name__},
+            )
+            _quarantine(outcome, "sending", exc)
+        return plan, outcome
+
+    async def _send(
+        self, operation: Operation, sender: Sender, outcome: UserOutcome, calls: CallLog
+    ) -> SendResult:
+        """One operation; after a 429 (the sender has paused) it goes again, a few times."""
+        for _ in range(THROTTLE_RESENDS + 1):
             result = await sender.send(operation)
             outcome.api_calls += 1
+            calls.record(result)
             self._metrics.api_calls.labels(
                 _operation_name(operation), str(result.status or 0)
             ).inc()
+            if result.outcome is not SendOutcome.THROTTLED:
+                break
+        return result
+
+    async def _execute(
+        self,
+        plan: UserPlan,
+        sender: Sender,
+        stop: asyncio.Event,
+        outcome: UserOutcome,
+        calls: CallLog,
+    ) -> None:
+        """Send the plan's operations in order, recording each result on ``outcome``."""
+        if plan.action is PlanAction.SKIP:
+            return
+        for operation in plan.operations:
+            if stop.is_set():
+                outcome.status = "released"
+                return
+            result = await self._send(operation, sender, outcome, calls)
             if result.outcome is SendOutcome.UNAUTHORIZED:
                 stop.set()
                 outcome.status = "released"
-                return outcome
-            if result.outcome is SendOutcome.RETRY:
+                return
+            if result.outcome in (SendOutcome.RETRY, SendOutcome.THROTTLED):
                 outcome.status = "retry"
                 outcome.reason = result.reason
-                return outcome
+                outcome.throttled = result.outcome is SendOutcome.THROTTLED
+                outcome.retry_after = result.retry_after
+                return
+            # Settled either way: a later pass does not send this operation again.
+            outcome.progressed = True
             if isinstance(operation, Identify):
                 if result.ok:
                     outcome.identified = True
@@ -227,27 +318,36 @@ class SyncEngine:
                 else:
                     outcome.status = "failed"
                     outcome.reason = f"identify failed: {result.reason}"
-                    return outcome
+                    return
             elif isinstance(operation, DeleteCustomer):
                 if result.ok:
                     outcome.deleted = True
                 else:
                     outcome.status = "failed"
                     outcome.reason = f"delete failed: {result.reason}"
-                    return outcome
+                    return
             elif isinstance(operation, Track):
                 outcome.event_results[operation.source_event_id] = (
                     ("sent", None) if result.ok else ("failed", result.reason)
                 )
         if plan.action is PlanAction.SEND:
             outcome.full_hash = attributes_hash(plan.attributes)
-        return outcome
 
     def _retry_at(self, claimed: ClaimedUser, outcome: UserOutcome) -> datetime | None:
-        """When a ``retry`` outcome may be tried again; None when it gives up (or is no retry)."""
+        """When a ``retry`` outcome may be tried again; None when it gives up (or is no retry).
+
+        Attempts are those of the operation the user is held up at: they start again when
+        this pass settled any operation (the failing one is then a later one), and a 429 is
+        none. Only a user whose same operation failed ``max_attempts`` times gives up.
+        """
         if outcome.status != "retry":
             return None
-        attempts = claimed.attempts + 1
+        before = 0 if outcome.progressed else claimed.attempts
+        if outcome.throttled:
+            outcome.attempts = before
+            delay = outcome.retry_after or self._config.backoff_base_seconds
+            return utcnow() + timedelta(seconds=delay)
+        attempts = outcome.attempts = before + 1
         if gives_up(attempts, self._config.max_attempts):
             outcome.reason = f"gave up after {attempts} attempts: {outcome.reason}"
             return None

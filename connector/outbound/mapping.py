@@ -36,6 +36,8 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ULID_MAX_MS: Final = 2**48 - 1
 
+NOT_UTF8: Final = "holds text that cannot be encoded as UTF-8 (a lone surrogate)"
+
 FIRST_CHUNK_ATTRIBUTES: Final = ("email", "created_at")
 """Attributes that always travel in the first identify call of a customer."""
 
@@ -150,7 +152,7 @@ def byte_size(value: Any) -> int:
     """Size of ``value`` as Customer.io measures it: UTF-8 bytes of a string, else of its JSON.
 
     Objects and lists are measured as compact JSON; numbers, booleans and null as their JSON
-    text.
+    text. Text that has no UTF-8 form (a lone surrogate) raises ``UnicodeEncodeError``.
     """
     if isinstance(value, str):
         return len(value.encode("utf-8"))
@@ -158,31 +160,41 @@ def byte_size(value: Any) -> int:
     return len(text.encode("utf-8"))
 
 
-def _over_limit(what: str, size: int, limit: int) -> str | None:
-    if size > limit:
+def _size_error(what: str, value: Any, limit: int | None) -> str | None:
+    """Why ``value`` cannot go to Customer.io: text with no UTF-8 form, or over ``limit`` bytes."""
+    try:
+        size = byte_size(value)
+    except UnicodeEncodeError:
+        # Only stored data can hold a lone surrogate (JSON allows "\ud800"); Customer.io
+        # cannot take it, and measuring it must not stop the user's other attributes.
+        return f"{what} {NOT_UTF8}"
+    if limit is not None and size > limit:
         return f"{what} is {size} bytes, over Customer.io's {limit}-byte limit"
     return None
 
 
 def attribute_error(name: str, value: Any) -> str | None:
     """Why Customer.io would refuse attribute ``name`` with ``value``, or None when it fits."""
-    return _over_limit("name", byte_size(name), MAX_ATTRIBUTE_NAME_BYTES) or _over_limit(
-        "value", byte_size(value), MAX_ATTRIBUTE_VALUE_BYTES
+    return _size_error("name", name, MAX_ATTRIBUTE_NAME_BYTES) or _size_error(
+        "value", value, MAX_ATTRIBUTE_VALUE_BYTES
     )
 
 
 def customer_id_error(customer_id: str) -> str | None:
     """Why Customer.io would refuse ``customer_id``, or None when it fits."""
-    return _over_limit("customer id", byte_size(customer_id), MAX_CUSTOMER_ID_BYTES)
+    return _size_error("customer id", customer_id, MAX_CUSTOMER_ID_BYTES)
 
 
 def event_error(name: str, data: dict[str, Any], *, page: bool = False) -> str | None:
     """Why Customer.io would refuse an event, or None when it fits.
 
-    The 100-byte name limit is for events; a page view's name is its URL and is not held to it.
+    The 100-byte name limit is for events; a page view's name is its URL and is not held to it
+    (it must still be text with a UTF-8 form).
     """
-    name_error = None if page else _over_limit("event name", byte_size(name), MAX_EVENT_NAME_BYTES)
-    return name_error or _over_limit("event data", byte_size(data), MAX_EVENT_DATA_BYTES)
+    name_limit = None if page else MAX_EVENT_NAME_BYTES
+    return _size_error("event name", name, name_limit) or _size_error(
+        "event data", data, MAX_EVENT_DATA_BYTES
+    )
 
 
 def customer_id(user: UserSnapshot, user_id_mapping: str) -> str | None:
@@ -298,7 +310,8 @@ def event_ulid(event_id: str, occurred_at: datetime | None) -> str:
     if occurred_at is not None:
         milliseconds = (as_utc(occurred_at) - _EPOCH) // timedelta(milliseconds=1)
     milliseconds = min(max(milliseconds, 0), _ULID_MAX_MS)
-    randomness = hashlib.sha256(event_id.encode("utf-8")).digest()[:10]
+    # surrogatepass: an id stored with a lone surrogate still gets its (stable) ULID.
+    randomness = hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).digest()[:10]
     return str(ULID.from_bytes(milliseconds.to_bytes(6, "big") + randomness))
 
 

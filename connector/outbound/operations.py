@@ -115,7 +115,10 @@ class UserPlan:
 class SendOutcome(enum.StrEnum):
     OK = "ok"
     RETRY = "retry"
-    """429, 5xx, timeout or connection error: try again later."""
+    """5xx, timeout or connection error: try again later; counts as an attempt."""
+    THROTTLED = "throttled"
+    """429: Customer.io asks to slow down. Backpressure, not the operation's fault: sent again
+    after a pause, never counted as an attempt."""
     FAIL = "fail"
     """Any other 4xx: trying again will not help."""
     UNAUTHORIZED = "unauthorized"
@@ -128,6 +131,9 @@ class SendResult:
     status: int | None = None
     reason: str | None = None
     """Short and safe to store and log: never the request payload."""
+    retry_after: float | None = None
+    """``THROTTLED``: seconds the sender pauses before its next request (Retry-After, or its
+    own backoff)."""
 
     @property
     def ok(self) -> bool:

@@ -76,6 +76,14 @@ class TokenBucket:
         if self._next_slot > now and self._interval > old_interval:
             self._next_slot = now + (self._next_slot - now) * self._interval / old_interval
 
+    def pause(self, seconds: float) -> None:
+        """Serve no later reservation before ``seconds`` from now (backpressure after a 429).
+
+        Slots already handed out keep their time; after the pause the rate applies as before.
+        """
+        resume = self._clock() + seconds + self._tolerance
+        self._next_slot = max(self._next_slot, resume)
+
     def reserve(self) -> float:
         """Take the next slot and return how many seconds to wait until it (0: go now)."""
         now = self._clock()

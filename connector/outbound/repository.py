@@ -49,6 +49,13 @@ class UserOutcome:
     event_results: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     """Platform ``event_id`` → (``sent``/``skipped``/``failed``, reason)."""
     api_calls: int = 0
+    progressed: bool = False
+    """Some operation was settled in this pass (sent, or refused for good): not sent again."""
+    throttled: bool = False
+    """A ``retry`` because Customer.io kept answering 429: no attempt is counted."""
+    retry_after: float | None = None
+    attempts: int = 0
+    """A ``retry``'s attempts at the operation the user is held up at (see the engine)."""
 
 
 Finished = tuple[ClaimedUser, UserOutcome, datetime | None]
@@ -275,7 +282,14 @@ class OutboundRepository:
     ) -> None:
         user.claimed_by = None
         user.claimed_until = None
-        if outcome.sent_attributes:
+        if outcome.status == "retry" and outcome.identified and claimed.snapshot.full:
+            # A full send cut short: what it confirmed is all Customer.io is known to hold, so
+            # the next pass sends the rest as changes instead of starting over (which would
+            # make each pass "progress" without end).
+            user.sent_attributes = dict(outcome.sent_attributes)
+            if user.version == claimed.version:
+                user.full_sync = False
+        elif outcome.sent_attributes:
             user.sent_attributes = {**(user.sent_attributes or {}), **outcome.sent_attributes}
         if outcome.identified:
             user.cio_id = outcome.customer_id
@@ -293,7 +307,7 @@ class OutboundRepository:
             return
         user.attribute_errors = outcome.attribute_errors
         if outcome.status == "retry":
-            user.attempts = claimed.attempts + 1
+            user.attempts = outcome.attempts
             user.last_error = outcome.reason
             if retry_at is None:
                 user.pending = False

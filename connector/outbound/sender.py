@@ -2,7 +2,9 @@
 
 The package is synchronous, so calls run in a bounded thread pool, each worker thread with
 its own client (a ``requests`` session is not meant to be shared between threads). Every
-request first waits for a token from the shared :class:`TokenBucket`.
+request first waits for a token from the shared :class:`TokenBucket`; a 429 pauses that
+bucket (``Retry-After`` when Customer.io sends one, else a growing backoff), so the whole pass
+slows down instead of piling more requests onto a busy workspace.
 
 The package's exceptions embed the request payload (``"{status}: {url} {data} {text}"``):
 their text is never logged or returned. Results carry the status and at most a short,
@@ -16,9 +18,11 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from http import HTTPStatus
 from typing import Any
 
 import requests
@@ -35,7 +39,7 @@ from connector.outbound.operations import (
     Track,
 )
 from connector.outbound.ratelimit import TokenBucket
-from connector.outbound.retry import classify_status
+from connector.outbound.retry import classify_status, parse_retry_after, throttle_pause
 
 REGIONS = {"us": Regions.US, "eu": Regions.EU}
 MAX_DETAIL_CHARS = 200
@@ -73,6 +77,13 @@ def _sanitise(text: str) -> str:
     if len(text) > MAX_DETAIL_CHARS:
         return text[: MAX_DETAIL_CHARS - 1] + "…"
     return text
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def _error_detail(body: Any) -> str | None:
@@ -153,6 +164,33 @@ def result_from_exception(exc: CustomerIOException) -> SendResult:
     return SendResult(SendOutcome.FAIL, None, "invalid request")
 
 
+class _Backpressure:
+    """When to pause after a 429: each pause grows while 429s keep coming, a success resets it.
+
+    Answers to requests that were sent before the current pause ends say nothing new (they
+    were on their way when it began), so a burst of them pauses once, not once each.
+    """
+
+    def __init__(self, base: float, cap: float):
+        self._base = base
+        self._cap = cap
+        self._consecutive = 0
+        self._paused_until = float("-inf")
+
+    def throttled(self, sent_at: float, retry_after: float | None) -> float | None:
+        """The pause this 429 calls for (seconds from now), or None when one is under way."""
+        if sent_at < self._paused_until:
+            return None
+        self._consecutive += 1
+        pause = throttle_pause(retry_after, self._consecutive, self._base, self._cap)
+        self._paused_until = time.monotonic() + pause
+        return pause
+
+    def answered(self, sent_at: float) -> None:
+        if sent_at >= self._paused_until:
+            self._consecutive = 0
+
+
 class CustomerIOSender:
     """The :class:`~connector.outbound.operations.Sender` for the real Track API."""
 
@@ -165,6 +203,8 @@ class CustomerIOSender:
         *,
         concurrency: int,
         bucket: TokenBucket,
+        throttle_base_seconds: float = 1.0,
+        throttle_max_seconds: float = 60.0,
     ):
         if region not in REGIONS:
             raise ValueError(f"unknown region {region!r}: expected one of {sorted(REGIONS)}")
@@ -186,6 +226,7 @@ class CustomerIOSender:
         self._clients: list[CustomerIO] = []
         self._clients_lock = threading.Lock()
         self._closed = False
+        self._backpressure = _Backpressure(throttle_base_seconds, throttle_max_seconds)
 
     @classmethod
     def from_config(
@@ -206,6 +247,8 @@ class CustomerIOSender:
             customerio,
             concurrency=sync.concurrency,
             bucket=TokenBucket(sync.rate_limit_per_second) if bucket is None else bucket,
+            throttle_base_seconds=sync.backoff_base_seconds,
+            throttle_max_seconds=sync.backoff_max_seconds,
         )
 
     def _new_client(self) -> CustomerIO:
@@ -225,6 +268,8 @@ class CustomerIOSender:
         # but turns a 5xx into a bodiless RetryError and a read timeout into a
         # ConnectionError; requests' own default keeps the status, body and ReadTimeout.
         session.get_adapter(client.base_url).max_retries = Retry(0, read=False)
+        # The package's error keeps no headers: note Retry-After (this thread's last answer).
+        session.hooks["response"].append(self._note_answer)
         if self.config.ca_file:
             session.verify = self.config.ca_file
             # With trust_env, REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE would override session.verify
@@ -232,6 +277,9 @@ class CustomerIOSender:
             session.trust_env = False
             session.proxies = requests.utils.get_environ_proxies(client.base_url)
         return client
+
+    def _note_answer(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        self._local.retry_after = response.headers.get("Retry-After")
 
     def _client(self) -> CustomerIO:
         client = getattr(self._local, "client", None)
@@ -282,11 +330,24 @@ class CustomerIOSender:
 
     async def send(self, operation: Operation) -> SendResult:
         call = self._call_for(operation)
-        try:
-            response = await self._run(call)
-        except CustomerIOException as exc:
-            return result_from_exception(exc)
-        return SendResult(SendOutcome.OK, response.status_code)
+
+        def attempt(client: CustomerIO) -> tuple[SendResult, float, str | None]:
+            self._local.retry_after = None
+            sent_at = time.monotonic()
+            try:
+                response = call(client)
+            except CustomerIOException as exc:
+                return result_from_exception(exc), sent_at, self._local.retry_after
+            return SendResult(SendOutcome.OK, response.status_code), sent_at, None
+
+        result, sent_at, retry_after = await self._run(attempt)
+        if result.outcome is not SendOutcome.THROTTLED:
+            self._backpressure.answered(sent_at)
+            return result
+        pause = self._backpressure.throttled(sent_at, parse_retry_after(retry_after))
+        if pause is not None:
+            self.bucket.pause(pause)
+        return replace(result, retry_after=pause or 0.0)
 
     def _region_call(self, client: CustomerIO) -> CredentialCheck:
         try:
@@ -302,8 +363,10 @@ class CustomerIOSender:
         except ValueError:
             body = None
         if outcome is not SendOutcome.OK:
+            # "HTTP 500 Internal Server Error": the words Hull's connector shows too.
+            with_phrase = f"HTTP {status} {_phrase(status)}".rstrip()
             detail = _error_detail(body)
-            reason = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
+            reason = f"{with_phrase}: {detail}" if detail else with_phrase
             return CredentialCheck(ok=False, reason=reason)
         region = body.get("data_center") if isinstance(body, dict) else None
         if not isinstance(region, str):

@@ -1,16 +1,18 @@
 """The outbound sync as the rest of the service uses it: one pass at a time per instance,
-with its run recorded, its share of the rate limit kept up to date and the credential status
-recorded."""
+with its run recorded, its share of the rate limit kept up to date, and the credential status
+and failing Track API calls recorded for ``/status`` (the latter while the pass runs)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from connector.outbound.engine import (
     INVALID_CREDENTIALS,
     MISSING_CREDENTIALS,
+    CallLog,
     ProgressCallback,
     SyncEngine,
     SyncSummary,
@@ -28,6 +30,9 @@ log = logging.getLogger("connector.outbound")
 
 SenderFactory = Callable[[ConnectorSettings, TokenBucket], Sender]
 """Builds a pass's sender, which paces its requests with the given bucket."""
+
+CALL_REPORT_SECONDS = 5.0
+"""How often a pass under way stores its failing calls, so /status shows them during a long one."""
 
 
 class SyncService:
@@ -77,20 +82,57 @@ class SyncService:
             # Paced at this instance's share of the rate limit, kept up to date while it runs.
             bucket = TokenBucket(self._rate_limit)
             sender = self._sender_factory(settings, bucket)
+            calls = CallLog()
             try:
-                async with self.instances.sharing(bucket, self._rate_limit):
-                    summary = await self._engine.run(settings, sender, progress=progress)
+                async with (
+                    self.instances.sharing(bucket, self._rate_limit),
+                    self._reporting(calls),
+                ):
+                    summary = await self._engine.run(
+                        settings, sender, progress=progress, calls=calls
+                    )
             finally:
                 await sender.close()
             if summary.error == INVALID_CREDENTIALS:
                 await self._credentials.record("invalid", "Customer.io answered 401")
                 log.error("sync stopped: Customer.io refused the credentials")
-            elif summary.api_calls:
+            elif calls.ok:
                 await self._credentials.record("valid")
             await self.repository.finish_run(run_id, summary.run_counts(), summary.error)
             level = logging.INFO if summary.users or summary.error else logging.DEBUG
             log.log(level, "sync finished", extra={"trigger": trigger, **summary.as_dict()})
             return summary
+
+    @contextlib.asynccontextmanager
+    async def _reporting(self, calls: CallLog) -> AsyncIterator[None]:
+        """Store the pass's failing calls every few seconds while it runs, and once at the end;
+        a pass whose calls all went through clears the record."""
+        reported = 0
+
+        async def report() -> None:
+            nonlocal reported
+            if calls.failed > reported:
+                reported = calls.failed
+                await self._credentials.record_call_failures(calls.failed, calls.last_failure)
+
+        async def every_few_seconds() -> None:
+            while True:
+                await asyncio.sleep(CALL_REPORT_SECONDS)
+                try:
+                    await report()
+                except Exception:
+                    log.exception("could not record failing calls")
+
+        task = asyncio.create_task(every_few_seconds(), name="outbound-call-report")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await report()
+        if calls.ok and not calls.failed:
+            await self._credentials.clear_call_failures()
 
     async def plan_pending(self, limit: int = 10_000) -> list[UserPlan]:
         """What a pass would do now, without sending or changing anything."""
