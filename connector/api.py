@@ -8,7 +8,7 @@ from aiohttp import web
 from marshmallow import ValidationError
 from sqlalchemy import select
 
-from connector import stats
+from connector import quarantine, stats
 from connector.appkeys import (
     config_key,
     scheduler_key,
@@ -54,6 +54,21 @@ async def start_sync(request: web.Request) -> web.Response:
         return json_response(summary.as_dict())
     request.app[scheduler_key].start_pass()
     return json_response({"started": True}, status=202)
+
+
+@require_admin
+async def retry_failed(request: web.Request) -> web.Response:
+    """Quarantined users, webhooks and forwarded events become pending again (see
+    :mod:`connector.quarantine`); a sync and the webhook processing start at once."""
+    return json_response({"retried": await request.app[scheduler_key].retry_failed()})
+
+
+@require_admin
+async def get_quarantine(request: web.Request) -> web.Response:
+    """How many records each pipeline set aside, with the latest reason."""
+    async with request.app[sessionmaker_key]() as session:
+        held = await quarantine.quarantined(session)
+    return json_response({name: item.as_dict() for name, item in held.items()})
 
 
 def _event_json(event: UserEvent) -> dict[str, Any]:
@@ -219,6 +234,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/settings", get_settings)
     app.router.add_patch("/api/settings", patch_settings)
     app.router.add_post("/api/sync", start_sync)
+    app.router.add_get("/api/quarantine", get_quarantine)
+    app.router.add_post("/api/retry-failed", retry_failed)
     app.router.add_get("/api/users", find_users)
     app.router.add_get("/api/users/{user_id}", get_user)
     app.router.add_get("/api/events", list_events)

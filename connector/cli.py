@@ -26,13 +26,16 @@ from connector.notifications.parse import InvalidNotification, parse_notificatio
 from connector.notifications.store import store_messages
 from connector.outbound.operations import DeleteCustomer, Identify, Operation, UserPlan
 from connector.outbound.sender import DryRunSender
+from connector.quarantine import retry_failed
 from connector.runtime import DatabaseNotMigrated, Runtime, open_runtime
 from connector.secrets import new_token
 
 EXIT_CONFIG = 2
 EXIT_CREDENTIALS = 3
 IMPORT_BATCH = 500
-EXAMPLE_SETTINGS = Path(__file__).resolve().parent.parent / "settings.example.toml"
+# Shipped in the package (the checkout's top-level settings.example.toml links to it), so that
+# `connector init` works from a wheel too.
+EXAMPLE_SETTINGS = Path(__file__).resolve().parent / "settings.example.toml"
 
 
 def _load(ctx: click.Context) -> Config:
@@ -292,6 +295,26 @@ def ingest_token_command(ctx: click.Context) -> None:
             return runtime.secrets.ingest_token
 
     click.echo(_run(go()))
+
+
+@main.command(name="retry-failed")
+@click.pass_context
+def retry_failed_command(ctx: click.Context) -> None:
+    """Make quarantined users, webhooks and forwarded events pending again (after a fix).
+
+    A running ``serve`` picks them up with its next sync, sweep and flush.
+    """
+    config = _load(ctx)
+
+    async def go() -> dict[str, int]:
+        async with open_runtime(config) as runtime:
+            return await retry_failed(runtime.sessionmaker)
+
+    retried = _run(go())
+    click.echo(
+        f"retrying {retried['users']} user(s), {retried['webhooks']} webhook(s), "
+        f"{retried['forwarding']} forwarded event(s)"
+    )
 
 
 @main.command(name="import")

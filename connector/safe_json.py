@@ -25,7 +25,7 @@ REPLACEMENT = "\ufffd"
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 # Only these escapes can put NUL or a lone surrogate into parsed text (raw control characters
 # and invalid UTF-8 are syntax errors already), so a body without them needs no walk.
-_RISKY_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+_RISKY_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 
 
 class UnsafeJSON(ValueError):
@@ -68,9 +68,10 @@ def loads(data: bytes | str) -> Any:
     return value
 
 
-def may_hold_unstorable_text(data: bytes) -> bool:
-    """False when the raw JSON ``data`` cannot decode to text holding NUL or a lone surrogate."""
-    return _RISKY_ESCAPE.search(data) is not None
+def may_hold_unstorable_text(document: str) -> bool:
+    """False when the JSON ``document`` (valid UTF-8 text) cannot decode to text holding NUL
+    or a lone surrogate, so that it needs no :func:`clean`."""
+    return _RISKY_ESCAPE.search(document) is not None
 
 
 def is_storable(text: str) -> bool:

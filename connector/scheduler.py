@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from connector import quarantine
 from connector.config import Config
 from connector.forwarding.outbox import ForwardingService
 from connector.inbound.processor import InboundProcessor
@@ -134,6 +135,16 @@ class Scheduler:
             return
         if not self._stopping:
             self._manual = asyncio.create_task(self._sync_job(), name="sync-on-request")
+
+    async def retry_failed(self) -> dict[str, int]:
+        """What the pipelines set aside becomes pending again (see :mod:`connector.quarantine`),
+        and the jobs that take it start now; returns how many of each kind."""
+        retried = await quarantine.retry_failed(self._sessionmaker)
+        if retried["users"]:
+            self.start_pass()
+        if retried["webhooks"]:
+            self._processor.wake()
+        return retried
 
     async def _sync_job(self) -> None:
         self._job = asyncio.current_task()

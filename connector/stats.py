@@ -17,6 +17,7 @@ from connector.db.models import (
     User,
     WebhookDelivery,
 )
+from connector.quarantine import quarantined
 from connector.settings_store import SettingsStore
 from connector.status import CredentialStatusStore, Status, compute_status
 
@@ -141,6 +142,7 @@ async def service_status(
     async with sessionmaker() as session:
         last_run = await last_finished_run(session)
         failed = await session.scalar(select(func.count()).where(_failed_for_good()))
+        held = await quarantined(session)
         forwarding_error = await session.scalar(
             select(ForwardMessage.last_error)
             .where(ForwardMessage.status == "pending", ForwardMessage.last_error.is_not(None))
@@ -156,4 +158,5 @@ async def service_status(
         forwarding_error,
         last_run_at=last_run.finished_at if last_run is not None else None,
         call_failures=call_failures,
+        quarantine=held,
     )

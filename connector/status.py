@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connector.db.kv import KeyValueStore
 from connector.db.types import utcnow
 from connector.settings import ConnectorSettings
+
+if TYPE_CHECKING:
+    from connector.quarantine import Quarantined
 
 CREDENTIALS_KEY = "credentials_status"
 CALL_FAILURES_KEY = "track_call_failures"
@@ -16,6 +19,12 @@ CALL_FAILURE_WINDOW = timedelta(minutes=5)
 """Failing Track API calls show on ``/status`` for this long after the last one was recorded."""
 CONNECT_ERROR = "Error when trying to connect with Customer.io"
 """Hull's own connector's words for a credential check Customer.io could not answer."""
+
+
+_QUARANTINE_WORDS = {
+    "webhooks": "webhook(s) that could not be processed",
+    "forwarding": "forwarded event(s) that failed for good",
+}
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ def compute_status(
     *,
     last_run_at: datetime | None = None,
     call_failures: dict[str, Any] | None = None,
+    quarantine: dict[str, Quarantined] | None = None,
     now: datetime | None = None,
 ) -> Status:
     """Missing credentials, no whitelisted segment and Track API calls failing in the last
@@ -62,7 +72,8 @@ def compute_status(
     not answer, users given up on and failing forwarding are errors.
 
     A last pass's error older than the latest credential verdict is not reported: the
-    credentials it was about have changed or been checked since.
+    credentials it was about have changed or been checked since. Webhooks and forwarded events
+    set aside (``quarantine``, see :mod:`connector.quarantine`) warn, with the latest reason.
     """
     errors: list[str] = []
     warnings: list[str] = []
@@ -83,8 +94,21 @@ def compute_status(
         and not _superseded(last_run_at, credentials)
     ):
         errors.append(f"Last sync failed: {last_run_error}")
+    quarantine = quarantine or {}
     if failed_users:
-        errors.append(f"{failed_users} user(s) failed to sync; see GET /api/users/{{id}}")
+        latest = quarantine.get("users")
+        because = f" (latest: {latest.reason})" if latest and latest.reason else ""
+        errors.append(
+            f"{failed_users} user(s) failed to sync{because}; see GET /api/users/{{id}}, "
+            f"and POST /api/retry-failed once fixed"
+        )
+    for name, what in _QUARANTINE_WORDS.items():
+        held = quarantine.get(name)
+        if held and held.count:
+            warnings.append(
+                f"{held.count} {what} set aside (latest: {held.reason or 'no reason'}); "
+                "POST /api/retry-failed tries them again"
+            )
     if forwarding_error and settings.forward_url:
         errors.append(f"Forwarding is failing: {forwarding_error}")
     last_failure = _moment(call_failures)

@@ -147,6 +147,12 @@ class FakeSegment:
             return "invalid JSON: expected an object with a batch list"
         if any(_call_bytes(call) > MAX_CALL_BYTES for call in body["batch"]):
             return "call larger than 32KB"
+        # Like Segment, one invalid call fails the whole batch.
+        for call in body["batch"]:
+            if not isinstance(call, dict) or (
+                call.get("type") == "track" and not call.get("event")
+            ):
+                return "Track event is missing name"
         return None
 
     async def start(self) -> None:

@@ -34,6 +34,7 @@ PAGE_ROUTES = [
     ("POST", "/admin/test-connection"),
     ("POST", "/admin/webhook-url/rotate"),
     ("POST", "/admin/sync"),
+    ("POST", "/admin/retry-failed"),
 ]
 API_ROUTES = [
     ("GET", "/api/settings"),
@@ -46,6 +47,8 @@ API_ROUTES = [
     ("GET", "/api/catalog"),
     ("GET", "/api/webhook-url"),
     ("POST", "/api/webhook-url/rotate"),
+    ("GET", "/api/quarantine"),
+    ("POST", "/api/retry-failed"),
 ]
 
 
@@ -603,3 +606,27 @@ async def test_admin_status_panel_lists_failed_users_with_their_reason(start_app
 )
 def test_form_patch_reads_the_form_like_the_api_patch(fields, expected):
     assert form_patch(MultiDict(fields)) == expected
+
+
+async def test_admin_status_panel_shows_what_is_set_aside_and_retries_it(start_app):
+    client = await logged_in(start_app)
+    html = await page_html(client)
+    assert number(html, "held-webhooks") == 0
+    assert 'id="retry-failed"' not in html
+
+    path = await webhook_path(client)
+    # An empty event_id: nothing to deduplicate it by, so it is set aside.
+    webhook = {"event_id": "", "object_type": "email", "metric": "opened"}
+    assert (await post_webhook(client, path, webhook)).ok
+    await wait_processed(client, 1)
+    html = await page_html(client)
+    assert number(html, "held-webhooks") == 1
+    assert "webhook(s) that could not be processed set aside" in html
+    assert 'id="retry-failed"' in html
+
+    resp = await client.post(
+        "/admin/retry-failed", data={"csrf_token": csrf_in(html)}, allow_redirects=False
+    )
+    assert resp.status == 303
+    html = await page_html(client)
+    assert "Retrying 0 user(s), 1 webhook(s) and 0 forwarded event(s)." in html

@@ -501,3 +501,84 @@ async def test_forwarding_quarantines_a_message_it_cannot_encode(start_app, fake
     else:
         assert set(rows) == {"sent"}
     assert (await stats(client))["deliveries"] == {"processed": 1}
+
+
+# -- quarantine: visible and recoverable ------------------------------------------------------
+
+
+async def status(client) -> dict[str, Any]:
+    return await (await client.get("/status")).json()
+
+
+async def test_quarantined_webhook_shows_on_status_and_is_retried_after_a_fix(start_app):
+    client = await start_app()
+    async with client.app[sessionmaker_key]() as session, session.begin():
+        session.add(
+            WebhookDelivery(
+                event_id="legacy-nan",
+                body='{"event_id": "legacy-nan", "object_type": "email", "metric": "opened",'
+                ' "data": {"identifiers": {"id": "cust-1"}, "score": NaN}}',
+                headers={},
+                received_at=utcnow(),
+                status="pending",
+            )
+        )
+    path = await webhook_path(client)
+    await post_webhook(client, path, webhook("ok"))
+    await wait_processed(client, 2)
+
+    current = await status(client)
+    assert current["status"] == "warning"
+    assert (
+        "1 webhook(s) that could not be processed set aside (latest: NaN is not JSON); "
+        "POST /api/retry-failed tries them again"
+    ) in current["messages"]
+    held = await (await client.get("/api/quarantine", headers=ADMIN)).json()
+    assert held["webhooks"] == {"count": 1, "reason": "NaN is not JSON"}
+    assert held["users"]["count"] == held["forwarding"]["count"] == 0
+
+    await run_sql(client, "UPDATE webhook_deliveries SET body = replace(body, 'NaN', '1')")
+    resp = await client.post("/api/retry-failed", headers=ADMIN)
+    assert resp.status == 200
+    assert await resp.json() == {"retried": {"users": 0, "webhooks": 1, "forwarding": 0}}
+
+    for _ in range(100):
+        if (await stats(client))["deliveries"] == {"processed": 2}:
+            break
+        await asyncio.sleep(0.05)
+    assert (await stats(client))["deliveries"] == {"processed": 2}
+    assert sorted(e.event_id for e in await tracked(client)) == ["legacy-nan", "ok"]
+    assert not any("set aside" in m for m in (await status(client))["messages"])
+
+
+async def test_quarantined_user_is_retried_after_a_fix(start_app, fake_cio):
+    client = await start_app()
+    await client.post(
+        "/smart-notifier",
+        json=notification(message("u1", external_id="ext-1"), message("u2", external_id="ext-2")),
+        headers=INGEST,
+    )
+    # Segments that are not objects, as no version stores them: planning this user raises.
+    async with client.app[sessionmaker_key]() as session, session.begin():
+        user = await session.get(User, "u2")
+        user.segments = [["seg-paying"]]
+    await (await client.post("/api/sync?wait=1", headers=ADMIN)).json()
+    assert set(fake_cio.customers) == {"ext-1"}
+    assert any("1 user(s) failed to sync" in m for m in (await status(client))["messages"])
+
+    async with client.app[sessionmaker_key]() as session, session.begin():
+        user = await session.get(User, "u2")
+        user.segments = [{"id": "seg-paying", "name": "Paying"}]
+    resp = await client.post("/api/retry-failed", headers=ADMIN)
+    assert (await resp.json())["retried"]["users"] == 1
+    await (await client.post("/api/sync?wait=1", headers=ADMIN)).json()
+
+    assert set(fake_cio.customers) == {"ext-1", "ext-2"}
+    user = await (await client.get("/api/users/u2", headers=ADMIN)).json()
+    assert user["sync"]["status"] == "synced"
+
+
+async def test_retry_failed_needs_the_admin(start_app):
+    client = await start_app()
+    assert (await client.post("/api/retry-failed")).status == 401
+    assert (await client.get("/api/quarantine")).status == 401

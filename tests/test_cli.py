@@ -21,7 +21,9 @@ from sqlalchemy import select
 
 from connector.config import load_config
 from connector.db import migrate
-from connector.db.models import User
+from connector.db.engine import make_engine
+from connector.db.models import User, WebhookDelivery
+from connector.db.types import utcnow
 from connector.runtime import open_runtime
 
 from .conftest import ADMIN_PASSWORD, INGEST_TOKEN
@@ -414,3 +416,35 @@ async def test_cli_webhook_url_prints_and_rotates(settings_file):
     assert first.code == again.code == rotated.code == 0
     assert first.stdout.startswith("http://127.0.0.1:8080/webhook?conf=")
     assert first.stdout == again.stdout != rotated.stdout
+
+
+async def test_cli_retry_failed_makes_quarantined_records_pending(settings_file, db_url):
+    config = settings_file()
+    assert (await run_cli(config, "migrate")).code == 0
+    engine = make_engine(db_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                WebhookDelivery.__table__.insert(),
+                [
+                    {
+                        "event_id": f"bad-{i}",
+                        "body": "{}",
+                        "headers": {},
+                        "received_at": utcnow(),
+                        "status": "invalid",
+                        "error": "event_id is missing",
+                    }
+                    for i in range(2)
+                ],
+            )
+        result = await run_cli(config, "retry-failed")
+        async with engine.connect() as connection:
+            statuses = (
+                await connection.execute(select(WebhookDelivery.status).order_by("event_id"))
+            ).scalars()
+            assert list(statuses) == ["pending", "pending"]
+    finally:
+        await engine.dispose()
+    assert result.code == 0, result.stderr
+    assert result.stdout == "retrying 0 user(s), 2 webhook(s), 0 forwarded event(s)\n"

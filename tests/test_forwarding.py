@@ -207,16 +207,45 @@ async def test_forwarding_gives_up_after_max_attempts(make_config, segment):
 async def test_forwarding_client_error_fails_at_once_with_the_reason(runtime, segment, status):
     await point_at(runtime, segment.url)
     await add_events(runtime, 2)
-    segment.fail_next(status, body={"success": False, "message": "Track event is missing name"})
+    # The batch of two, then each of its halves.
+    segment.fail_next(
+        status, times=3, body={"success": False, "message": "Track event is missing name"}
+    )
 
     async with forwarding(runtime) as service:
         summary = await service.flush()
 
     assert (summary.failed, summary.retrying, summary.sent) == (2, 0, 0)
+    assert len(segment.batches) == 3
     reason = f'HTTP {status}: {{"success": false, "message": "Track event is missing name"}}'
     rows = await outbox_rows(runtime)
     assert [(r.status, r.attempts, r.last_error) for r in rows] == [("failed", 1, reason)] * 2
     assert sample(runtime, "connector_forwarded_messages_total", {"outcome": "failed"}) == 2
+
+
+async def test_forwarding_refused_batch_is_split_until_the_bad_call_fails_alone(runtime, segment):
+    await point_at(runtime, segment.url)
+    await add_events(runtime, 10)
+    async with runtime.sessionmaker() as session, session.begin():
+        row = (await session.scalars(select(ForwardMessage).offset(6).limit(1))).one()
+        row.payload = {key: value for key, value in row.payload.items() if key != "event"}
+
+    async with forwarding(runtime) as service:
+        summary = await service.flush()
+
+    assert (summary.sent, summary.failed, summary.retrying) == (9, 1, 0)
+    rows = await outbox_rows(runtime)
+    [failed] = [r for r in rows if r.status == "failed"]
+    assert failed.id == rows[6].id
+    assert (
+        failed.last_error
+        == 'HTTP 400: {"success": false, "message": "Track event is missing name"}'
+    )
+    # 1 + 2 + 2 + 2 + 2 requests at most for 10 calls: halves, not one request per call.
+    assert len(segment.batches) <= 9
+    assert sorted(m["messageId"] for m in segment.messages()) == sorted(
+        f"evt-{i:05d}" for i in range(10) if i != 6
+    )
 
 
 async def test_forwarding_wrong_write_key_keeps_messages_and_stops_the_flush(runtime, segment):

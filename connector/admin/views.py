@@ -12,7 +12,7 @@ from aiohttp import web
 from marshmallow import ValidationError
 from multidict import MultiDictProxy
 
-from connector import stats
+from connector import quarantine, stats
 from connector.admin.security import (
     CSRF_FIELD,
     Session,
@@ -215,6 +215,7 @@ async def _page_context(
         catalog = await stats.catalog(db)
         inbound = await stats.inbound_stats(db)
         outbound = await stats.outbound_stats(db)
+        held = await quarantine.quarantined(db)
     gate = await app[webhook_gate_key].current()
     status = await stats.service_status(
         app[sessionmaker_key], app[settings_key], app[credentials_key]
@@ -238,6 +239,7 @@ async def _page_context(
         "webhook_url": webhook_url(app[config_key].server.public_url, gate.token),
         "inbound": inbound,
         "outbound": outbound,
+        "quarantine": held,
         "status": status,
         "credentials": await app[credentials_key].get(),
         "test": test,
@@ -345,6 +347,18 @@ async def sync_now(request: web.Request) -> web.StreamResponse:
     raise _see_other(f"{PAGE}#status")
 
 
+@login_required
+async def retry_failed(request: web.Request) -> web.StreamResponse:
+    """What the pipelines set aside becomes pending again (after a fix)."""
+    retried = await request.app[scheduler_key].retry_failed()
+    _flash(
+        request,
+        f"Retrying {retried['users']} user(s), {retried['webhooks']} webhook(s) and "
+        f"{retried['forwarding']} forwarded event(s).",
+    )
+    raise _see_other(f"{PAGE}#status")
+
+
 def _flash(request: web.Request, text: str) -> None:
     (get_session(request))["flash"] = text
 
@@ -358,3 +372,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/admin/test-connection", test_connection)
     app.router.add_post("/admin/webhook-url/rotate", rotate_webhook_url)
     app.router.add_post("/admin/sync", sync_now)
+    app.router.add_post("/admin/retry-failed", retry_failed)

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import re
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -353,17 +354,25 @@ class ForwardingService:
         if oversized:
             reason = f"message larger than the {MAX_MESSAGE_BYTES // 1024} KB a call may have"
             await self._finish(oversized, BatchResult(SendOutcome.FAIL, None, reason), summary)
-        batches = pack_batches([m for m in claimed if len(m.encoded) <= MAX_MESSAGE_BYTES])
-        for position, batch in enumerate(batches):
+        batches = deque(pack_batches([m for m in claimed if len(m.encoded) <= MAX_MESSAGE_BYTES]))
+        while batches:
+            batch = batches.popleft()
             body = batch_body((m.encoded for m in batch), utcnow())
             result = await self.client.send_batch(
                 settings.forward_url, settings.forward_write_key, body
             )
             summary.batches += 1
             self._metrics.forward_requests.labels(str(result.status or 0)).inc()
+            if result.outcome is SendOutcome.FAIL and len(batch) > 1:
+                # The destination refused the batch as a whole (one bad call makes Segment
+                # answer 400 to all of them): its halves go again, until the call it refuses
+                # is alone and fails by itself.
+                middle = len(batch) // 2
+                batches.extendleft([batch[middle:], batch[:middle]])
+                continue
             await self._finish(batch, result, summary)
             if result.outcome in (SendOutcome.RETRY, SendOutcome.UNAUTHORIZED):
-                await self.outbox.release([m for later in batches[position + 1 :] for m in later])
+                await self.outbox.release([m for later in batches for m in later])
                 return False
         return True
 

@@ -305,7 +305,9 @@ def _map(delivery: _Delivery, allowed: set[str] | None) -> bool:
         event_id = payload.get("event_id")
         if event_id is None or (isinstance(event_id, str) and not safe_json.is_storable(event_id)):
             payload["event_id"] = delivery.event_id
-        event = map_webhook(safe_json.clean(payload))
+        if safe_json.may_hold_unstorable_text(delivery.body):
+            payload = safe_json.clean(payload)
+        event = map_webhook(payload)
     except ValueError as exc:  # InvalidWebhook, UnsafeJSON: the reason is in their words
         delivery.status = "invalid"
         delivery.error = str(exc)[:500]
