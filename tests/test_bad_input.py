@@ -104,6 +104,21 @@ async def refusing(start_app):
         )
 
 
+async def store_legacy_nan_delivery(client) -> None:
+    """A delivery ``legacy-nan`` whose body holds NaN, as an earlier version stored it."""
+    async with client.app[sessionmaker_key]() as session, session.begin():
+        session.add(
+            WebhookDelivery(
+                event_id="legacy-nan",
+                body='{"event_id": "legacy-nan", "object_type": "email", "metric": "opened",'
+                ' "data": {"identifiers": {"id": "cust-1"}, "score": NaN}}',
+                headers={},
+                received_at=utcnow(),
+                status="pending",
+            )
+        )
+
+
 async def deliveries(client) -> dict[str, WebhookDelivery]:
     async with client.app[sessionmaker_key]() as session:
         rows = await session.scalars(select(WebhookDelivery))
@@ -151,17 +166,7 @@ async def test_processor_quarantines_a_stored_delivery_it_cannot_read(start_app)
     """A body with NaN, as an earlier version stored it: ``invalid`` with the reason."""
     client = await start_app()
     path = await webhook_path(client)
-    async with client.app[sessionmaker_key]() as session, session.begin():
-        session.add(
-            WebhookDelivery(
-                event_id="legacy-nan",
-                body='{"event_id": "legacy-nan", "object_type": "email", "metric": "opened",'
-                ' "data": {"score": NaN}}',
-                headers={},
-                received_at=utcnow(),
-                status="pending",
-            )
-        )
+    await store_legacy_nan_delivery(client)
     for i in range(3):
         await post_webhook(client, path, webhook(f"ok-{i}"))
 
@@ -512,17 +517,7 @@ async def status(client) -> dict[str, Any]:
 
 async def test_quarantined_webhook_shows_on_status_and_is_retried_after_a_fix(start_app):
     client = await start_app()
-    async with client.app[sessionmaker_key]() as session, session.begin():
-        session.add(
-            WebhookDelivery(
-                event_id="legacy-nan",
-                body='{"event_id": "legacy-nan", "object_type": "email", "metric": "opened",'
-                ' "data": {"identifiers": {"id": "cust-1"}, "score": NaN}}',
-                headers={},
-                received_at=utcnow(),
-                status="pending",
-            )
-        )
+    await store_legacy_nan_delivery(client)
     path = await webhook_path(client)
     await post_webhook(client, path, webhook("ok"))
     await wait_processed(client, 2)
