@@ -56,7 +56,11 @@ def loads(data: bytes | str) -> Any:
     :data:`MAX_DEPTH`. Text holding NUL or lone surrogates is returned as it is (see
     :func:`unstorable_text`)."""
     try:
-        value = json.loads(data, parse_int=_integer, parse_float=_float, parse_constant=_constant)
+        # Strict UTF-8 here: given bytes, json.loads would also take UTF-16 and UTF-32 (told by
+        # their first bytes) and UTF-8-encoded lone surrogates, which the raw body, stored as
+        # text, cannot be (RFC 8259 §8.1: JSON between systems is UTF-8).
+        text = data.decode("utf-8") if isinstance(data, bytes | bytearray) else data
+        value = json.loads(text, parse_int=_integer, parse_float=_float, parse_constant=_constant)
     except RecursionError as exc:
         raise UnsafeJSON(f"nesting deeper than {MAX_DEPTH} levels") from exc
     except UnicodeDecodeError as exc:

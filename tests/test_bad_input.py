@@ -237,8 +237,22 @@ async def test_inbox_fails_only_the_webhook_the_database_refuses(refusing):
         (b"[" * DEEP + b"]" * DEEP, "nesting deeper than"),
         (b'{"event_id": "e1", "data": ' + b'{"a": ' * 70 + b"1" + b"}" * 71, "nesting deeper"),
         (b'{"event_id": "e1", "data": {"x": "\xff"}}', "not UTF-8"),
+        # Found by tests/test_fuzz.py: json.loads takes these from bytes, the stored raw body
+        # could not be decoded (a 500).
+        ('{"event_id": "e1", "data": {}}'.encode("utf-16"), "not UTF-8"),
+        (b'{"event_id": "e1", "data": {"x": "\xed\xa0\x80"}}', "not UTF-8"),
     ],
-    ids=["nan", "infinity", "huge-float", "huge-integer", "deep", "deep-objects", "not-utf8"],
+    ids=[
+        "nan",
+        "infinity",
+        "huge-float",
+        "huge-integer",
+        "deep",
+        "deep-objects",
+        "not-utf8",
+        "utf16",
+        "encoded-surrogate",
+    ],
 )
 async def test_webhook_refuses_what_is_not_json(start_app, body, reason):
     client = await start_app()
@@ -262,8 +276,10 @@ INGEST_ROUTES = ["/smart-notifier", "/batch"]
         (b'{"messages": [{"user": {"id": "u1", "n": ' + b"1" * 4400 + b"}}]}", "out of range"),
         (b'{"messages": ' + b"[" * DEEP + b"]" * DEEP + b"}", "nesting deeper than"),
         (b'{"messages": [{"user": {"id": "\xff\xfe"}}]}', "not UTF-8"),
+        ('{"messages": [{"user": {"id": "u1"}}]}'.encode("utf-16"), "not UTF-8"),
+        (b'{"messages": [{"user": {"id": "u1", "x": "\xed\xb2\xa1"}}]}', "not UTF-8"),
     ],
-    ids=["nan", "huge-integer", "deep", "not-utf8"],
+    ids=["nan", "huge-integer", "deep", "not-utf8", "utf16", "encoded-surrogate"],
 )
 async def test_notifications_refuse_what_is_not_json(start_app, route, body, reason):
     client = await start_app()

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from marshmallow import ValidationError
 from multidict import MultiDictProxy
 
@@ -71,9 +72,10 @@ class UnreadableForm(Exception):
 async def read_form(request: web.Request) -> MultiDictProxy:
     try:
         return await request.post()
-    except (ValueError, LookupError, RuntimeError) as exc:
+    except (ValueError, LookupError, RuntimeError, HttpProcessingError) as exc:
         # ValueError covers UnicodeDecodeError and multipart framing; LookupError an unknown
-        # charset; RuntimeError an unknown Content-Transfer-Encoding of a part.
+        # charset; RuntimeError an unknown Content-Transfer-Encoding of a part;
+        # HttpProcessingError a part's header aiohttp's parser refuses (NUL, a stray quote).
         raise UnreadableForm(str(exc)[:200]) from exc
 
 
