@@ -40,7 +40,7 @@ format: $(TEST_STAMP)
 	$(BIN)/ruff check --fix $(CODE)
 
 screenshots: $(TEST_STAMP)
-	CONNECTOR_UPDATE_SCREENSHOTS=1 $(BIN)/pytest tests/test_browser.py
+	CONNECTOR_UPDATE_SCREENSHOTS=1 $(BIN)/pytest tests/web/test_browser.py
 
 bench: $(TEST_STAMP)
 	$(BIN)/python bench/outbound.py

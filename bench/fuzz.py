@@ -3,7 +3,7 @@ to every route, then the checks of the issue ("bad input never stalls a pipeline
 5xx"): no 5xx, every webhook acknowledged as new is in the database, and a normal
 notification and webhook still go through.
 
-The requests come from ``tests/fuzzing.py`` (the strategies ``tests/test_fuzz.py`` uses),
+The requests come from ``tests/fuzzing.py`` (the strategies ``tests/web/test_fuzz.py`` uses),
 drawn with ``--seed``. The service runs on a scratch SQLite file (or a scratch database on
 ``--database-url``'s PostgreSQL server), with the fake Track API (``tests/fake_customerio.py``)
 in a process of its own. ``bench/README.md`` says more. Run from the repository root::
@@ -63,8 +63,8 @@ def to_toml(config: dict[str, dict[str, Any]]) -> str:
 
 
 def routes_for(config: dict) -> list:
-    from connector.app import create_app
     from connector.config import parse_config
+    from connector.web.app import create_app
 
     return routes_of(create_app(parse_config(config)))
 

@@ -224,7 +224,7 @@ class Progress:
 def log_to_file(path: str, level: str) -> None:
     """The service's structured logs, as ``connector serve`` writes them, into a file: their
     cost is part of the service's CPU, their lines would bury the progress bar."""
-    from connector.logs import setup_logging
+    from connector.ops.logs import setup_logging
 
     setup_logging(level)
     root = logging.getLogger()

@@ -17,18 +17,18 @@ import click
 from aiohttp import web
 from tqdm import tqdm
 
-from connector import safe_json
 from connector.config import Config, ConfigError, config_path, load_config
 from connector.db import migrate as db_migrate
 from connector.inbound.gate import webhook_url
-from connector.logs import setup_logging
 from connector.notifications.parse import InvalidNotification, parse_notification
 from connector.notifications.store import store_messages
+from connector.ops.logs import setup_logging
+from connector.ops.quarantine import retry_failed
 from connector.outbound.operations import DeleteCustomer, Identify, Operation, UserPlan
 from connector.outbound.sender import DryRunSender
-from connector.quarantine import retry_failed
+from connector.rules import safe_json
 from connector.runtime import DatabaseNotMigrated, Runtime, open_runtime
-from connector.secrets import new_token
+from connector.settings.secrets import new_token
 
 EXIT_CONFIG = 2
 EXIT_CREDENTIALS = 3
@@ -105,7 +105,7 @@ async def _freeze_startup_objects(_app: web.Application) -> None:
 @click.pass_context
 def serve(ctx: click.Context) -> None:
     """Run the service: HTTP API, webhook receiver and scheduled sync."""
-    from connector.app import create_app
+    from connector.web.app import create_app
 
     config = _load(ctx)
     setup_logging()

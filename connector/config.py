@@ -193,7 +193,7 @@ def _env_value(raw: str, field_obj: fields.Field | None) -> Any:
 
 
 def _connector_fields() -> Mapping[str, fields.Field]:
-    from connector.settings import ConnectorSettingsSchema
+    from connector.settings.model import ConnectorSettingsSchema
 
     return ConnectorSettingsSchema().fields
 
@@ -232,7 +232,7 @@ def _flatten(messages: Any, prefix: str = "") -> list[str]:
 
 def parse_config(raw: dict[str, Any]) -> Config:
     """Validate already-merged configuration data, reporting every error at once."""
-    from connector.settings import ConnectorSettingsSchema
+    from connector.settings.model import ConnectorSettingsSchema
 
     errors: list[str] = []
     try:

@@ -18,17 +18,17 @@ from connector.db.kv import KeyValueStore
 from connector.forwarding.outbox import ForwardingService
 from connector.inbound.gate import WebhookGate
 from connector.inbound.processor import InboundProcessor
-from connector.metrics import Metrics
+from connector.ops.metrics import Metrics
+from connector.ops.status import CredentialStatusStore
 from connector.outbound.engine import SyncEngine
 from connector.outbound.instances import SendingInstances
 from connector.outbound.ratelimit import TokenBucket
 from connector.outbound.repository import OutboundRepository
 from connector.outbound.sender import CustomerIOSender
 from connector.outbound.service import SenderFactory, SyncService
-from connector.secrets import ServiceSecrets, ensure_secrets
-from connector.settings import ConnectorSettings
-from connector.settings_store import SettingsStore
-from connector.status import CredentialStatusStore
+from connector.settings.model import ConnectorSettings
+from connector.settings.secrets import ServiceSecrets, ensure_secrets
+from connector.settings.store import SettingsStore
 
 
 class DatabaseNotMigrated(RuntimeError):

@@ -11,11 +11,11 @@ from datetime import datetime, timedelta
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from connector import quarantine
 from connector.config import Config
 from connector.forwarding.outbox import ForwardingService
 from connector.inbound.processor import InboundProcessor
 from connector.inbound.retention import purge_deliveries
+from connector.ops import quarantine
 from connector.outbound.service import SyncService
 
 log = logging.getLogger("connector.scheduler")
@@ -137,7 +137,7 @@ class Scheduler:
             self._manual = asyncio.create_task(self._sync_job(), name="sync-on-request")
 
     async def retry_failed(self) -> dict[str, int]:
-        """What the pipelines set aside becomes pending again (see :mod:`connector.quarantine`),
+        """What the pipelines set aside becomes pending again (see :mod:`connector.ops.quarantine`),
         and the jobs that take it start now; returns how many of each kind."""
         retried = await quarantine.retry_failed(self._sessionmaker)
         if retried["users"]:

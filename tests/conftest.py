@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from sqlalchemy import text
 
-from connector.app import create_app
 from connector.config import Config, parse_config
 from connector.db import migrate
 from connector.db.engine import make_engine
 from connector.db.models import Base
+from connector.web.app import create_app
 
 from .support import run_blocking, scratch_postgres_database
 

@@ -1,7 +1,7 @@
 """Hostile and broken HTTP requests for every route of the service, and a client that sends
 them and then checks that nothing stalled.
 
-Shared by ``tests/test_fuzz.py`` (against the test server) and ``bench/fuzz.py`` (against a real
+Shared by ``tests/web/test_fuzz.py`` (against the test server) and ``bench/fuzz.py`` (against a real
 ``connector serve``). A request is a plain value, drawn deterministically from hypothesis
 strategies by :func:`draw_requests`; the strategies cover what attackers and broken clients
 send: any JSON value at any level of a notification, a webhook or a settings patch (wrong

@@ -88,7 +88,7 @@ def test_packaging_wheel_carries_the_migrations(shipped):
 def test_packaging_wheel_carries_exactly_the_package(shipped):
     package_part = {name for name in shipped if not name.split("/")[0].endswith(".dist-info")}
     assert package_part == _package_files()
-    assert "connector/admin/templates/page.html" in package_part
+    assert "connector/web/admin/templates/page.html" in package_part
 
 
 def test_packaging_installed_wheel_migrates_from_another_directory(wheel, tmp_path):

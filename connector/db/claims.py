@@ -10,10 +10,16 @@ claimer took in between from being taken twice.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Result, select, update
+from sqlalchemy import Result, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+
+
+def unclaimed(claimed_until: Any, now: datetime) -> Any:
+    """The rows of a queue that no instance holds: never claimed, or their lease ran out."""
+    return or_(claimed_until.is_(None), claimed_until < now)
 
 
 async def claim_rows(

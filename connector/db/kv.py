@@ -6,12 +6,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from connector.db.models import KeyValue
 from connector.db.types import utcnow
+from connector.db.upsert import insert
 
 
 async def get_value(session: AsyncSession, key: str, default: Any = None) -> Any:
@@ -20,8 +19,7 @@ async def get_value(session: AsyncSession, key: str, default: Any = None) -> Any
 
 
 async def put_value(session: AsyncSession, key: str, value: Any) -> None:
-    insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
-    statement = insert(KeyValue).values(key=key, value=value, updated_at=utcnow())
+    statement = insert(session, KeyValue).values(key=key, value=value, updated_at=utcnow())
     statement = statement.on_conflict_do_update(
         index_elements=["key"], set_={"value": value, "updated_at": utcnow()}
     )
@@ -33,8 +31,7 @@ async def put_if_absent(session: AsyncSession, key: str, value: Any) -> Any:
 
     Two instances starting at once agree on one generated secret this way.
     """
-    insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
-    statement = insert(KeyValue).values(key=key, value=value, updated_at=utcnow())
+    statement = insert(session, KeyValue).values(key=key, value=value, updated_at=utcnow())
     await session.execute(statement.on_conflict_do_nothing(index_elements=["key"]))
     return await get_value(session, key)
 

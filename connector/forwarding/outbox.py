@@ -25,19 +25,19 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
-from sqlalchemy import and_, bindparam, func, or_, select, update
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy import and_, bindparam, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from connector.config import SyncConfig
-from connector.db.claims import claim_rows
+from connector.db.claims import claim_rows, unclaimed
 from connector.db.models import ForwardMessage
 from connector.db.types import utcnow
-from connector.failures import failure_reason
-from connector.metrics import Metrics
-from connector.outbound.operations import SendOutcome
-from connector.outbound.retry import backoff_delay, classify_status, gives_up
-from connector.settings import ConnectorSettings
-from connector.settings_store import SettingsStore
+from connector.forwarding.message import segment_track
+from connector.ops.metrics import Metrics
+from connector.rules.delivery import SendOutcome, backoff_delay, classify_status, gives_up
+from connector.rules.failures import failure_reason
+from connector.settings.model import ConnectorSettings
+from connector.settings.store import SettingsStore
 
 log = logging.getLogger("connector.forwarding")
 
@@ -196,7 +196,7 @@ def _claimable(now: datetime, due_by: datetime) -> Any:
     return and_(
         ForwardMessage.status == "pending",
         ForwardMessage.next_attempt_at <= due_by,
-        or_(ForwardMessage.claimed_until.is_(None), ForwardMessage.claimed_until < now),
+        unclaimed(ForwardMessage.claimed_until, now),
     )
 
 
@@ -219,6 +219,49 @@ _WRITE_RESULT = (
         claimed_until=None,
     )
 )
+
+
+@dataclass(frozen=True)
+class ForwardedEvent:
+    """A tracked event to forward, as :func:`enqueue` takes it."""
+
+    tracked_event_id: int
+    event_id: str
+    name: str
+    properties: dict[str, Any]
+    occurred_at: datetime
+    customer_id: str | None
+    email: str | None
+
+
+async def enqueue(session: AsyncSession, events: list[ForwardedEvent], prefix: str) -> None:
+    """Add ``events`` to the outbox as Segment-spec ``track`` calls, due now, in the caller's
+    transaction (the one that stores the tracked events: both or neither)."""
+    if not events:
+        return
+    now = utcnow()
+    await session.execute(
+        _outbox.insert(),
+        [
+            {
+                "tracked_event_id": event.tracked_event_id,
+                "payload": segment_track(
+                    event_id=event.event_id,
+                    name=event.name,
+                    properties=event.properties,
+                    occurred_at=event.occurred_at,
+                    customer_id=event.customer_id,
+                    email=event.email,
+                    prefix=prefix,
+                ),
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+            for event in events
+        ],
+    )
 
 
 class ForwardOutbox:

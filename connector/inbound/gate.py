@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 
 from connector.db.kv import KeyValueStore
-from connector.secrets import new_token
-from connector.settings_store import SettingsStore
+from connector.settings.secrets import new_token
+from connector.settings.store import SettingsStore
 
 WEBHOOK_TOKEN_KEY = "webhook_token"
 REFRESH_SECONDS = 2.0

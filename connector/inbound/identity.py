@@ -24,12 +24,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import String, bindparam, case, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from connector.db.models import User
 from connector.db.types import utcnow
+from connector.db.upsert import insert
 from connector.inbound.mapping import Identity
 
 USERS = User.__table__
@@ -283,9 +282,10 @@ class BatchResolver:
         one (executemany) UPDATE."""
         created = sorted((u for u in self.by_id.values() if u.row is not None), key=lambda u: u.id)
         if created:
-            insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
             result = await session.execute(
-                insert(USERS).on_conflict_do_nothing(index_elements=["id"]).returning(USERS.c.id),
+                insert(session, USERS)
+                .on_conflict_do_nothing(index_elements=["id"])
+                .returning(USERS.c.id),
                 [u.row for u in created],
             )
             inserted = {row[0] for row in result}

@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from connector.db.models import WebhookDelivery
 from connector.db.types import utcnow
-from connector.failures import is_transient
+from connector.db.upsert import insert
+from connector.rules.failures import is_transient
 
 _TABLE = WebhookDelivery.__table__
 
@@ -122,12 +121,11 @@ class InboxWriter:
             for item in items
         ]
         async with self._sessionmaker() as session, session.begin():
-            insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
             # The rows go as parameters of one cached statement (SQLAlchemy's "insertmanyvalues"
             # batches them), not into a VALUES list compiled afresh for every group size; and
             # through the Core table, so the ORM's bulk-insert machinery is skipped.
             result = await session.execute(
-                insert(_TABLE)
+                insert(session, _TABLE)
                 .on_conflict_do_nothing(index_elements=["event_id"])
                 .returning(_TABLE.c.event_id),
                 rows,

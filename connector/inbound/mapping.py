@@ -22,9 +22,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from email.utils import parseaddr
 from typing import Any
+
+from connector.rules.dates import EPOCH, MILLISECONDS_ABOVE
 
 SOURCE = "customerio"
 """``context.source`` of every inbound event."""
@@ -64,10 +66,6 @@ MAX_IDENTIFIER_LENGTH = 255
 # Legacy event types without an object prefix, and the object type they belong to.
 _LEGACY_BARE_EVENT_TYPES = {"cio_subscription_preferences_changed": "customer"}
 
-# A timestamp above this is in milliseconds: as seconds it would be past the year 5000, as
-# milliseconds it is after March 1973, so no real value of either kind is ambiguous.
-_MILLISECONDS_ABOVE = 10**11
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NUMERIC_STRING = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 # ASCII dot-atoms on both sides, without "/" and "?" in the local part (allowed by RFC 5322
@@ -214,9 +212,9 @@ def parse_timestamp(value: Any) -> datetime | None:
     if not number > 0:  # also rejects NaN
         return None
     try:
-        if number > _MILLISECONDS_ABOVE:
-            return _EPOCH + timedelta(milliseconds=number)
-        return _EPOCH + timedelta(seconds=number)
+        if number > MILLISECONDS_ABOVE:
+            return EPOCH + timedelta(milliseconds=number)
+        return EPOCH + timedelta(seconds=number)
     except OverflowError:
         return None
 
@@ -301,3 +299,41 @@ def _identifier(value: Any) -> str | None:
 
 def _title(code: str) -> str:
     return " ".join(word.capitalize() for word in code.replace("_", " ").split())
+
+
+KNOWN_METRICS = (
+    "drafted",
+    "attempted",
+    "sent",
+    "delivered",
+    "opened",
+    "clicked",
+    "converted",
+    "bounced",
+    "dropped",
+    "deferred",
+    "spammed",
+    "failed",
+    "undeliverable",
+    "subscribed",
+    "unsubscribed",
+    "cio_subscription_preferences_changed",
+)
+"""The metrics of Customer.io's reporting webhooks, over all channels."""
+
+KNOWN_EVENT_NAMES = frozenset(
+    event_name(object_type, metric) for object_type in OBJECT_NAMES for metric in KNOWN_METRICS
+)
+"""The ``event`` label values of ``connector_webhooks``: each known object type with each
+known metric.
+
+Webhook payloads are written by whoever holds the URL; every distinct label value is a time
+series kept in memory until the process ends, so anything else is counted as
+:data:`OTHER_EVENT`."""
+
+OTHER_EVENT = "other"
+
+
+def webhook_event_label(name: str) -> str:
+    """``name`` if it is a known event name (or ``""``: no event), else ``"other"``."""
+    return name if not name or name in KNOWN_EVENT_NAMES else OTHER_EVENT

@@ -21,24 +21,27 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import bindparam, or_, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import bindparam, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from connector import safe_json
-from connector.db.claims import claim_rows
-from connector.db.models import ForwardMessage, TrackedEvent, WebhookDelivery
+from connector.db.claims import claim_rows, unclaimed
+from connector.db.models import TrackedEvent, WebhookDelivery
 from connector.db.types import utcnow
-from connector.failures import failure_reason, is_transient
-from connector.forwarding.message import segment_track
+from connector.db.upsert import insert
+from connector.forwarding.outbox import ForwardedEvent, enqueue
 from connector.inbound.identity import resolve_users
-from connector.inbound.mapping import InboundEvent, InvalidWebhook, map_webhook
-from connector.metrics import Metrics
-from connector.settings import ConnectorSettings
-from connector.settings_store import SettingsStore
+from connector.inbound.mapping import (
+    InboundEvent,
+    InvalidWebhook,
+    map_webhook,
+    webhook_event_label,
+)
+from connector.ops.metrics import Metrics
+from connector.rules import safe_json
+from connector.rules.failures import failure_reason, is_transient
+from connector.settings.model import ConnectorSettings
+from connector.settings.store import SettingsStore
 
 log = logging.getLogger("connector.inbound")
 
@@ -55,7 +58,6 @@ GIVE_WAY_POLL_SECONDS = 0.002
 
 DELIVERIES = WebhookDelivery.__table__
 TRACKED = TrackedEvent.__table__
-OUTBOX = ForwardMessage.__table__
 
 
 @dataclass
@@ -79,13 +81,7 @@ class _Delivery:
 
 
 def _claimable(now: datetime):
-    return (WebhookDelivery.status == "pending") & or_(
-        WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now
-    )
-
-
-def _insert(session: AsyncSession) -> Any:
-    return pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+    return (WebhookDelivery.status == "pending") & unclaimed(WebhookDelivery.claimed_until, now)
 
 
 class InboundProcessor:
@@ -195,7 +191,7 @@ class InboundProcessor:
         counts = Counter((d.status, d.event_name or "") for d in deliveries)
         for (outcome, name), count in counts.items():
             setattr(summary, outcome, getattr(summary, outcome) + count)
-            self._metrics.webhook_outcome(outcome, name, count)
+            self._metrics.webhook_outcome(outcome, webhook_event_label(name), count)
 
     async def _process_one_by_one(
         self, deliveries: list[_Delivery], events: list[_Delivery], settings: ConnectorSettings
@@ -258,7 +254,7 @@ class InboundProcessor:
         ]
         # None of the rows when the events exist already (a re-processed delivery).
         result = await session.execute(
-            _insert(session)(TRACKED)
+            insert(session, TRACKED)
             .on_conflict_do_nothing(index_elements=["event_id"])
             .returning(TRACKED.c.id, TRACKED.c.event_id),
             rows,
@@ -266,28 +262,22 @@ class InboundProcessor:
         tracked = dict(sorted((event_id, tracked_id) for tracked_id, event_id in result))
         if not tracked or not settings.forward_url:
             return
-        messages = []
-        for event_id, tracked_id in tracked.items():
-            event = first[event_id].event
-            messages.append(
-                {
-                    "tracked_event_id": tracked_id,
-                    "payload": segment_track(
-                        event_id=event.event_id,
-                        name=event.name,
-                        properties=event.properties,
-                        occurred_at=event.occurred_at or first[event_id].received_at,
-                        customer_id=event.identity.customer_id,
-                        email=event.identity.email,
-                        prefix=settings.forward_event_prefix,
-                    ),
-                    "status": "pending",
-                    "attempts": 0,
-                    "next_attempt_at": now,
-                    "created_at": now,
-                }
-            )
-        await session.execute(OUTBOX.insert(), messages)
+        await enqueue(
+            session,
+            [
+                ForwardedEvent(
+                    tracked_event_id=tracked_id,
+                    event_id=event_id,
+                    name=first[event_id].event.name,
+                    properties=first[event_id].event.properties,
+                    occurred_at=first[event_id].event.occurred_at or first[event_id].received_at,
+                    customer_id=first[event_id].event.identity.customer_id,
+                    email=first[event_id].event.identity.email,
+                )
+                for event_id, tracked_id in tracked.items()
+            ],
+            settings.forward_event_prefix,
+        )
 
 
 def _map(delivery: _Delivery, allowed: set[str] | None) -> bool:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from connector.db.models import CatalogEntry
 from connector.db.types import utcnow
+from connector.db.upsert import insert
 from connector.notifications.parse import UserMessage
 
 # Attribute names longer than this are not offered in the pickers (and would not fit the key).
@@ -41,8 +40,7 @@ async def record_catalog(session: AsyncSession, messages: list[UserMessage]) -> 
     now = utcnow()
     for row in rows:
         row["last_seen_at"] = now
-    insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
-    statement = insert(CatalogEntry).values(rows)
+    statement = insert(session, CatalogEntry).values(rows)
     statement = statement.on_conflict_do_update(
         index_elements=["kind", "key"],
         set_={"label": statement.excluded.label, "last_seen_at": statement.excluded.last_seen_at},

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from connector import safe_json
-from connector.outbound.mapping import to_unix_seconds
+from connector.rules import safe_json
+from connector.rules.dates import to_unix_seconds
 
 TRAITS_PREFIX = "traits_"
 # The widths of the columns these are stored in (users.id, users.email, user_events.*).

@@ -9,16 +9,15 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import or_, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from connector.db.models import User, UserEvent
 from connector.db.types import utcnow
-from connector.failures import failure_reason, is_transient
+from connector.db.upsert import insert
 from connector.notifications.catalog import record_catalog
 from connector.notifications.parse import UserMessage
+from connector.rules.failures import failure_reason, is_transient
 
 log = logging.getLogger("connector.notifications")
 
@@ -43,10 +42,6 @@ class StoreResult:
         self.changed += other.changed
         self.new_events += other.new_events
         self.rejected += other.rejected
-
-
-def _insert(session: AsyncSession) -> Any:
-    return pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
 
 
 def _new_user_id(message: UserMessage) -> str:
@@ -129,7 +124,7 @@ async def _insert_events(session: AsyncSession, user_id: str, message: UserMessa
         for event in message.events
     ]
     statement = (
-        _insert(session)(UserEvent)
+        insert(session, UserEvent)
         .values(rows)
         .on_conflict_do_nothing(index_elements=["user_id", "event_id"])
         .returning(UserEvent.id)

@@ -26,22 +26,21 @@ from typing import Any
 
 from connector.config import SyncConfig
 from connector.db.types import utcnow
-from connector.metrics import Metrics
+from connector.ops.metrics import Metrics
 from connector.outbound.operations import (
     DeleteCustomer,
     Identify,
     Operation,
     PlanAction,
     Sender,
-    SendOutcome,
     SendResult,
     Track,
     UserPlan,
 )
 from connector.outbound.planner import plan_user
 from connector.outbound.repository import ClaimedUser, OutboundRepository, UserOutcome
-from connector.outbound.retry import THROTTLE_RESENDS, backoff_delay, gives_up
-from connector.settings import ConnectorSettings
+from connector.rules.delivery import THROTTLE_RESENDS, SendOutcome, backoff_delay, gives_up
+from connector.settings.model import ConnectorSettings
 
 log = logging.getLogger("connector.outbound")
 

@@ -22,12 +22,11 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from connector.db.models import SyncInstance
 from connector.db.types import utcnow
+from connector.db.upsert import insert
 from connector.outbound.ratelimit import TokenBucket, instance_share
 
 log = logging.getLogger("connector.outbound")
@@ -65,8 +64,9 @@ class SendingInstances:
             postgres = session.bind.dialect.name == "postgresql"
             now: Any = func.now() if postgres else utcnow()
             cutoff = now - self.stale_after
-            insert = pg_insert if postgres else sqlite_insert
-            upsert = insert(SyncInstance).values(instance_id=self.instance_id, heartbeat_at=now)
+            upsert = insert(session, SyncInstance).values(
+                instance_id=self.instance_id, heartbeat_at=now
+            )
             upsert = upsert.on_conflict_do_update(
                 index_elements=[SyncInstance.instance_id],
                 set_={"heartbeat_at": upsert.excluded.heartbeat_at},

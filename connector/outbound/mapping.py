@@ -9,15 +9,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import math
-import re
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from ulid import ULID
 
 from connector.outbound.operations import EventSnapshot, UserSnapshot
-from connector.settings import ConnectorSettings
+from connector.rules.dates import EPOCH, as_utc, to_unix_seconds
+from connector.settings.model import ConnectorSettings
 
 # Customer.io's documented Track API limits ("Invalid API Requests" in the Journeys docs):
 # a request breaking one is refused with a 400, so nothing over them is ever sent.
@@ -28,12 +27,6 @@ MAX_ATTRIBUTES_PER_CALL: Final = 300
 MAX_EVENT_NAME_BYTES: Final = 100
 MAX_EVENT_DATA_BYTES: Final = 100_000
 
-# Unix times above this are read as milliseconds: 10**11 seconds is the year 5138, while
-# 10**11 milliseconds is only March 1973.
-_MILLISECONDS_THRESHOLD: Final = 10**11
-_HULL_UTC_SUFFIX: Final = " UTC"
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ULID_MAX_MS: Final = 2**48 - 1
 
 NOT_UTF8: Final = "holds text that cannot be encoded as UTF-8 (a lone surrogate)"
@@ -83,55 +76,6 @@ def lookup(user_attributes: dict[str, Any], account: dict[str, Any], path: str) 
     if path.startswith("account."):
         return account.get(path.removeprefix("account."), MISSING)
     return _user_value(user_attributes, path)
-
-
-def as_utc(moment: datetime) -> datetime:
-    """``moment`` with naive times read as UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
-def _number_to_seconds(number: float) -> int | None:
-    if not math.isfinite(number):
-        return None
-    if abs(number) > _MILLISECONDS_THRESHOLD:
-        return math.floor(number / 1000)
-    return math.floor(number)
-
-
-def _string_to_seconds(text: str) -> int | None:
-    text = text.strip()
-    if _NUMBER.match(text):
-        return _number_to_seconds(int(text) if text.lstrip("+-").isdigit() else float(text))
-    if text.endswith(_HULL_UTC_SUFFIX):
-        text = text.removesuffix(_HULL_UTC_SUFFIX) + "+00:00"
-    try:
-        return to_unix_seconds(datetime.fromisoformat(text))
-    except ValueError:
-        return None
-
-
-def to_unix_seconds(value: Any) -> int | None:
-    """Unix seconds of a date, or None when ``value`` is not one.
-
-    Accepts ISO 8601 strings (``2018-03-30T14:38:02Z``, with offsets, with fractions),
-    Hull's ``2018-03-30 14:38:02 UTC``, plain dates (``2018-04-01``), ``datetime``/``date``
-    objects, and numbers or numeric strings as seconds (above 10^11: milliseconds).
-    Naive times are UTC; fractions of a second are floored; booleans are not dates.
-    """
-    try:
-        if isinstance(value, bool):
-            return None
-        if isinstance(value, int | float):
-            return _number_to_seconds(value)
-        if isinstance(value, str):
-            return _string_to_seconds(value)
-        if isinstance(value, datetime):
-            return (as_utc(value) - _EPOCH) // timedelta(seconds=1)
-        if isinstance(value, date):
-            return to_unix_seconds(datetime(value.year, value.month, value.day))
-    except (OverflowError, ValueError):
-        return None
-    return None
 
 
 def attribute_value(name: str, value: Any) -> Any:
@@ -308,7 +252,7 @@ def event_ulid(event_id: str, occurred_at: datetime | None) -> str:
     """
     milliseconds = 0
     if occurred_at is not None:
-        milliseconds = (as_utc(occurred_at) - _EPOCH) // timedelta(milliseconds=1)
+        milliseconds = (as_utc(occurred_at) - EPOCH) // timedelta(milliseconds=1)
     milliseconds = min(max(milliseconds, 0), _ULID_MAX_MS)
     # surrogatepass: an id stored with a lone surrogate still gets its (stable) ULID.
     randomness = hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).digest()[:10]

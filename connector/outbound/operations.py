@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from connector.rules.delivery import SendOutcome
+
 
 @dataclass(frozen=True)
 class EventSnapshot:
@@ -110,19 +112,6 @@ class UserPlan:
     """Attributes left out, by name, with the reason."""
     skipped_events: dict[str, str] = field(default_factory=dict)
     """Pending events not sent, by platform ``event_id``, with the reason."""
-
-
-class SendOutcome(enum.StrEnum):
-    OK = "ok"
-    RETRY = "retry"
-    """5xx, timeout or connection error: try again later; counts as an attempt."""
-    THROTTLED = "throttled"
-    """429: Customer.io asks to slow down. Backpressure, not the operation's fault: sent again
-    after a pause, never counted as an attempt."""
-    FAIL = "fail"
-    """Any other 4xx: trying again will not help."""
-    UNAUTHORIZED = "unauthorized"
-    """401: the credentials are wrong; the whole pass stops."""
 
 
 @dataclass(frozen=True)

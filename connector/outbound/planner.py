@@ -18,7 +18,7 @@ from connector.outbound.operations import (
     UserPlan,
     UserSnapshot,
 )
-from connector.settings import ConnectorSettings
+from connector.settings.model import ConnectorSettings
 
 NOT_IN_SEGMENTS = "not in any whitelisted segment"
 ALREADY_DELETED = "already deleted from Customer.io"

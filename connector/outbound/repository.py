@@ -18,7 +18,7 @@ from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import load_only
 
-from connector.db.claims import claim_rows
+from connector.db.claims import claim_rows, unclaimed
 from connector.db.models import SyncRun, User, UserEvent
 from connector.db.types import utcnow
 from connector.outbound.operations import EventSnapshot, UserSnapshot
@@ -106,7 +106,7 @@ def _claimable(now: datetime, due_by: datetime | None = None) -> Any:
     return and_(
         User.pending.is_(True),
         or_(User.next_attempt_at.is_(None), User.next_attempt_at <= (due_by or now)),
-        or_(User.claimed_until.is_(None), User.claimed_until < now),
+        unclaimed(User.claimed_until, now),
     )
 
 

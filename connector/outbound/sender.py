@@ -30,16 +30,9 @@ from customerio import CustomerIO, CustomerIOException, Regions
 from urllib3.util.retry import Retry
 
 from connector.config import CustomerioConfig, SyncConfig
-from connector.outbound.operations import (
-    DeleteCustomer,
-    Identify,
-    Operation,
-    SendOutcome,
-    SendResult,
-    Track,
-)
+from connector.outbound.operations import DeleteCustomer, Identify, Operation, SendResult, Track
 from connector.outbound.ratelimit import TokenBucket
-from connector.outbound.retry import classify_status, parse_retry_after, throttle_pause
+from connector.rules.delivery import SendOutcome, classify_status, parse_retry_after, throttle_pause
 
 REGIONS = {"us": Regions.US, "eu": Regions.EU}
 MAX_DETAIL_CHARS = 200

@@ -9,6 +9,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
+from connector.ops.status import CredentialStatusStore
 from connector.outbound.engine import (
     INVALID_CREDENTIALS,
     MISSING_CREDENTIALS,
@@ -22,9 +23,8 @@ from connector.outbound.operations import Sender, UserPlan
 from connector.outbound.planner import plan_user
 from connector.outbound.ratelimit import TokenBucket
 from connector.outbound.repository import OutboundRepository
-from connector.settings import ConnectorSettings
-from connector.settings_store import SettingsStore
-from connector.status import CredentialStatusStore
+from connector.settings.model import ConnectorSettings
+from connector.settings.store import SettingsStore
 
 log = logging.getLogger("connector.outbound")
 

@@ -1,0 +1,1 @@
+"""What an operator sees: status, stats, metrics, logs, the credential check, quarantine."""

@@ -1,0 +1,108 @@
+"""The settings page (``/admin``): server-rendered, behind a login, usable without JavaScript."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from connector.web.admin import views
+from connector.web.admin.security import (
+    AdminSessions,
+    LoginThrottle,
+    cross_site_refusal,
+    sessions,
+)
+from connector.web.keys import (
+    admin_sessions_key,
+    config_key,
+    login_throttle_key,
+    secrets_key,
+    sessionmaker_key,
+)
+from connector.web.responses import json_error
+
+HERE = Path(__file__).parent
+STATIC_PREFIX = "/static/admin"
+
+
+def when(value: datetime | str) -> str:
+    """A stored time as the page shows it: ``2024-05-01 12:30:05 UTC``."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+async def _sessions_context(app: web.Application) -> AsyncIterator[None]:
+    # The secret key is read from the database by the runtime context, which runs first.
+    secure = app[config_key].server.public_url.startswith("https://")
+    app[admin_sessions_key] = AdminSessions(
+        app[secrets_key].secret_key, app[sessionmaker_key], secure=secure
+    )
+    yield
+
+
+@web.middleware
+async def same_origin(request: web.Request, handler) -> web.StreamResponse:
+    """Refuse cross-site changes before anything is read, whatever the credentials: a browser
+    sends cached HTTP Basic credentials and the session cookie alike (``SameSite=Lax`` still
+    lets a top-level cross-site form post through in some browsers)."""
+    reason = cross_site_refusal(request)
+    if reason is None:
+        return await handler(request)
+    if request.path.startswith("/api/"):
+        return json_error(403, reason)
+    context = {"title": "Cross-site request refused", "message": reason}
+    return aiohttp_jinja2.render_template("refused.html", request, context, status=403)
+
+
+@web.middleware
+async def static_not_found(request: web.Request, handler) -> web.StreamResponse:
+    """A static path the file system cannot even look up (a name too long, too deep) is a
+    missing file, not a server error: aiohttp's static handler lets that ``OSError`` through."""
+    if not request.path.startswith(f"{STATIC_PREFIX}/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except OSError as exc:
+        raise web.HTTPNotFound() from exc
+
+
+async def _page_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if not request.path.startswith("/admin"):
+        return
+    # The page shows the webhook URL's token and takes the password: never cache or frame it.
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "same-origin"
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'"
+    )
+
+
+def setup_admin(app: web.Application) -> None:
+    """Routes, templates (autoescaped), the same-origin and session middlewares, and the login
+    throttle (shared with the admin API's HTTP Basic).
+
+    Call after the runtime's cleanup context is registered: the sessions need its secret key.
+    """
+    env = aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["when"] = when
+    app[aiohttp_jinja2.static_root_key] = STATIC_PREFIX
+    app.middlewares.append(static_not_found)
+    app.middlewares.append(same_origin)
+    app.middlewares.append(sessions)
+    app[login_throttle_key] = LoginThrottle()
+    app.cleanup_ctx.append(_sessions_context)
+    app.on_response_prepare.append(_page_headers)
+    app.router.add_static(STATIC_PREFIX, HERE / "static")
+    views.setup_routes(app)

@@ -1,0 +1,377 @@
+"""The settings page's handlers: log in and out, show the page, save, test, rotate, sync."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from marshmallow import ValidationError
+from multidict import MultiDictProxy
+
+from connector.inbound.gate import webhook_url
+from connector.ops import quarantine, stats
+from connector.outbound.sender import CredentialCheck
+from connector.settings.changes import save_settings
+from connector.settings.model import SECRET_FIELDS
+from connector.web.admin.security import (
+    CSRF_FIELD,
+    Session,
+    admin_session,
+    client_address,
+    csrf_token,
+    csrf_valid,
+    get_session,
+    log_in,
+    log_out,
+    password_ok,
+)
+from connector.web.keys import (
+    config_key,
+    credential_checker_key,
+    credentials_key,
+    login_throttle_key,
+    scheduler_key,
+    sessionmaker_key,
+    settings_key,
+    sync_key,
+    webhook_gate_key,
+)
+
+PAGE = "/admin"
+LOGIN = "/admin/login"
+TEXT_FIELDS = (
+    "site_id",
+    "region",
+    "user_id_mapping",
+    "max_attributes_per_call",
+    "webhook_timestamp_tolerance_seconds",
+    "forward_url",
+    "forward_event_prefix",
+)
+FLAG_FIELDS = ("enable_user_deletion", "anonymous_events")
+LIST_FIELDS = ("synchronized_segments", "synchronized_attributes", "events_filter")
+_SEPARATORS = re.compile(r"[,\r\n]+")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _see_other(location: str) -> web.HTTPSeeOther:
+    return web.HTTPSeeOther(location)
+
+
+class UnreadableForm(Exception):
+    """The body is not a form aiohttp can decode: unknown charset, invalid UTF-8, a multipart
+    body without its boundary or with a part it cannot decode."""
+
+
+async def read_form(request: web.Request) -> MultiDictProxy:
+    try:
+        return await request.post()
+    except (ValueError, LookupError, RuntimeError, HttpProcessingError) as exc:
+        # ValueError covers UnicodeDecodeError and multipart framing; LookupError an unknown
+        # charset; RuntimeError an unknown Content-Transfer-Encoding of a part;
+        # HttpProcessingError a part's header aiohttp's parser refuses (NUL, a stray quote).
+        raise UnreadableForm(str(exc)[:200]) from exc
+
+
+def _unreadable(request: web.Request, exc: UnreadableForm) -> web.Response:
+    context = {"title": "Form not readable", "message": _unreadable_message(exc)}
+    return aiohttp_jinja2.render_template("refused.html", request, context, status=400)
+
+
+def _unreadable_message(exc: UnreadableForm) -> str:
+    return f"The form could not be read ({exc}). Nothing was changed."
+
+
+def login_required(handler: Handler) -> Handler:
+    """Anonymous requests go to the login form; a form post must be readable and carry the
+    session's token."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        session = admin_session(request)
+        if session is None:
+            raise _see_other(LOGIN)
+        if request.method == "POST":
+            try:
+                form = await read_form(request)
+            except UnreadableForm as exc:
+                return _unreadable(request, exc)
+            if not csrf_valid(session, _text(form.get(CSRF_FIELD))):
+                return _forbidden(request)
+        return await handler(request)
+
+    return wrapped
+
+
+def _forbidden(request: web.Request) -> web.Response:
+    return aiohttp_jinja2.render_template(
+        "forbidden.html", request, {"title": "Form expired"}, status=403
+    )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+# Logging in
+
+
+async def login_form(request: web.Request) -> web.StreamResponse:
+    if admin_session(request) is not None:
+        raise _see_other(PAGE)
+    return await _render_login(request)
+
+
+async def _render_login(
+    request: web.Request, error: str | None = None, status: int = 200
+) -> web.Response:
+    session = get_session(request)
+    context = {"title": "Log in", "csrf_token": csrf_token(session), "error": error}
+    return aiohttp_jinja2.render_template("login.html", request, context, status=status)
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    throttle = request.app[login_throttle_key]
+    client = client_address(request)
+    try:
+        form = await read_form(request)
+    except UnreadableForm as exc:
+        return await _render_login(request, _unreadable_message(exc), status=400)
+    session = get_session(request)
+    if not csrf_valid(session, _text(form.get(CSRF_FIELD))):
+        return _forbidden(request)
+    wait = throttle.retry_after(client)
+    if wait:
+        response = await _render_login(
+            request, f"Too many failed attempts. Try again in {wait} seconds.", status=429
+        )
+        response.headers["Retry-After"] = str(wait)
+        return response
+    if not password_ok(request, _text(form.get("password")) or ""):
+        throttle.failed(client)
+        return await _render_login(request, "Wrong password.", status=401)
+    throttle.succeeded(client)
+    log_in(request)
+    raise _see_other(PAGE)
+
+
+@login_required
+async def logout(request: web.Request) -> web.StreamResponse:
+    await log_out(request)
+    raise _see_other(LOGIN)
+
+
+# The page
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: str
+    label: str
+    checked: bool
+    seen: bool = True
+    """False for a stored value the platform has not sent (yet)."""
+
+
+def _choices(options: Iterable[tuple[str, str]], selected: Iterable[str]) -> list[Choice]:
+    """Ticked values first, in their stored order (saving the form unchanged changes nothing),
+    then the rest of what the platform has sent."""
+    known = dict(options)
+    chosen = list(dict.fromkeys(selected))
+    ticked = [Choice(v, known.get(v, v), True, seen=v in known) for v in chosen]
+    rest = [Choice(v, label, False) for v, label in known.items() if v not in chosen]
+    return ticked + rest
+
+
+def _messages(found: Any) -> list[str]:
+    """marshmallow's messages for one field, flattened (lists report per item)."""
+    if isinstance(found, str):
+        return [found]
+    if isinstance(found, dict):
+        return [m for value in found.values() for m in _messages(value)]
+    if isinstance(found, list):
+        return [m for value in found for m in _messages(value)]
+    return [str(found)]
+
+
+async def _page_context(
+    request: web.Request,
+    session: Session,
+    *,
+    entered: dict[str, Any] | None = None,
+    errors: dict[str, Any] | None = None,
+    test: CredentialCheck | None = None,
+) -> dict[str, Any]:
+    app = request.app
+    settings = await app[settings_key].load()
+    values = settings.to_dict()
+    values.update({key: value for key, value in (entered or {}).items() if key in values})
+    for key in SECRET_FIELDS:
+        values[key] = ""
+    async with app[sessionmaker_key]() as db:
+        catalog = await stats.catalog(db)
+        inbound = await stats.inbound_stats(db)
+        outbound = await stats.outbound_stats(db)
+        held = await quarantine.quarantined(db)
+    gate = await app[webhook_gate_key].current()
+    status = await stats.service_status(
+        app[sessionmaker_key], app[settings_key], app[credentials_key]
+    )
+    metrics = values["incoming_metrics"]
+    return {
+        "title": "Customer.io connector",
+        "csrf_token": csrf_token(session),
+        "values": values,
+        "secrets_set": {key: bool(getattr(settings, key)) for key in SECRET_FIELDS},
+        "errors": {key: _messages(value) for key, value in (errors or {}).items()},
+        "segments": _choices(
+            ((s["id"], s["name"]) for s in catalog["segments"]), values["synchronized_segments"]
+        ),
+        "attributes": _choices(
+            ((a, a) for a in catalog["attributes"]), values["synchronized_attributes"]
+        ),
+        "events": _choices(((e, e) for e in catalog["events"]), values["events_filter"]),
+        "all_metrics": metrics is None,
+        "metrics_text": "\n".join(metrics or []),
+        "webhook_url": webhook_url(app[config_key].server.public_url, gate.token),
+        "inbound": inbound,
+        "outbound": outbound,
+        "quarantine": held,
+        "status": status,
+        "credentials": await app[credentials_key].get(),
+        "test": test,
+        "flash": session.pop("flash", None),
+    }
+
+
+@login_required
+async def page(request: web.Request) -> web.Response:
+    session = get_session(request)
+    context = await _page_context(request, session)
+    return aiohttp_jinja2.render_template("page.html", request, context)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in _SEPARATORS.split(text) if part.strip()]
+
+
+def form_patch(form: MultiDictProxy) -> dict[str, Any]:
+    """The settings the page's form sets, as a ``PATCH /api/settings`` body.
+
+    An empty secret field keeps the stored secret; its "clear" box empties it. A checkbox and
+    a picker come with a hidden field of the same name, so "none ticked" is told apart from
+    "not on this form".
+    """
+    patch: dict[str, Any] = {}
+    for name in TEXT_FIELDS:
+        if name in form:
+            patch[name] = str(form[name]).strip()
+    for name in SECRET_FIELDS:
+        entered = str(form.get(name, "")).strip()
+        if entered:
+            patch[name] = entered
+        elif form.get(f"clear_{name}") == "on":
+            patch[name] = ""
+    for name in FLAG_FIELDS:
+        if name in form:
+            patch[name] = form.getall(name)[-1] == "on"
+    for name in LIST_FIELDS:
+        if name in form:
+            picked = [str(v).strip() for v in form.getall(name)]
+            other = _split(str(form.get(f"{name}_other", "")))
+            patch[name] = list(dict.fromkeys(v for v in picked + other if v))
+    if "incoming_metrics" in form:
+        all_metrics = form.get("incoming_metrics_all") == "on"
+        patch["incoming_metrics"] = None if all_metrics else _split(str(form["incoming_metrics"]))
+    return patch
+
+
+@login_required
+async def save(request: web.Request) -> web.StreamResponse:
+    patch = form_patch(await read_form(request))
+    try:
+        await save_settings(request.app, patch)
+    except ValidationError as exc:
+        session = get_session(request)
+        context = await _page_context(request, session, entered=patch, errors=exc.messages)
+        return aiohttp_jinja2.render_template("page.html", request, context, status=400)
+    _flash(request, "Settings saved.")
+    raise _see_other(PAGE)
+
+
+@login_required
+async def test_connection(request: web.Request) -> web.StreamResponse:
+    """Check the credentials on the form; an empty API key field means the stored key."""
+    patch = form_patch(await read_form(request))
+    stored = await request.app[settings_key].load()
+    site_id = patch.get("site_id", stored.site_id)
+    api_key = patch.get("api_key") or stored.api_key
+    region = patch.get("region", stored.region)
+    errors: dict[str, list[str]] = {}
+    if not site_id:
+        errors["site_id"] = ["Enter the Site ID to test."]
+    if not api_key:
+        errors["api_key"] = ["Enter the API key to test."]
+    if region not in ("us", "eu"):
+        errors["region"] = ["Must be one of: us, eu."]
+    result = None
+    if not errors:
+        checker = request.app[credential_checker_key]
+        result = await checker.check(site_id, api_key, region)
+        if (site_id, api_key, region) == (stored.site_id, stored.api_key, stored.region):
+            await checker.record(result)
+    session = get_session(request)
+    context = await _page_context(request, session, entered=patch, errors=errors, test=result)
+    return aiohttp_jinja2.render_template("page.html", request, context)
+
+
+@login_required
+async def rotate_webhook_url(request: web.Request) -> web.StreamResponse:
+    await request.app[webhook_gate_key].rotate()
+    _flash(request, "New webhook URL: paste it into Customer.io; the old one is refused.")
+    raise _see_other(f"{PAGE}#incoming")
+
+
+@login_required
+async def sync_now(request: web.Request) -> web.StreamResponse:
+    """Start a pass: on the schedule's worker when sync runs in the service, else right here."""
+    if request.app[config_key].sync.scheduled:
+        request.app[scheduler_key].trigger_sync()
+        _flash(request, "Sync started.")
+    else:
+        summary = await request.app[sync_key].run_once("admin")
+        _flash(request, f"Sync finished: {summary.sent} sent, {summary.failed} failed.")
+    raise _see_other(f"{PAGE}#status")
+
+
+@login_required
+async def retry_failed(request: web.Request) -> web.StreamResponse:
+    """What the pipelines set aside becomes pending again (after a fix)."""
+    retried = await request.app[scheduler_key].retry_failed()
+    _flash(
+        request,
+        f"Retrying {retried['users']} user(s), {retried['webhooks']} webhook(s) and "
+        f"{retried['forwarding']} forwarded event(s).",
+    )
+    raise _see_other(f"{PAGE}#status")
+
+
+def _flash(request: web.Request, text: str) -> None:
+    (get_session(request))["flash"] = text
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get(PAGE, page)
+    app.router.add_get(LOGIN, login_form)
+    app.router.add_post(LOGIN, login)
+    app.router.add_post("/admin/logout", logout)
+    app.router.add_post("/admin/settings", save)
+    app.router.add_post("/admin/test-connection", test_connection)
+    app.router.add_post("/admin/webhook-url/rotate", rotate_webhook_url)
+    app.router.add_post("/admin/sync", sync_now)
+    app.router.add_post("/admin/retry-failed", retry_failed)

@@ -1,0 +1,245 @@
+"""The admin API: connector settings, users and their sync state, starting a sync."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from marshmallow import ValidationError
+from sqlalchemy import select
+
+from connector.db.models import TrackedEvent, User, UserEvent
+from connector.inbound.gate import webhook_url
+from connector.ops import quarantine, stats
+from connector.rules.safe_json import MAX_INTEGER
+from connector.settings.changes import save_settings
+from connector.web.auth import require_admin
+from connector.web.keys import (
+    config_key,
+    scheduler_key,
+    sessionmaker_key,
+    settings_key,
+    sync_key,
+    webhook_gate_key,
+)
+from connector.web.responses import json_error, json_response, read_json
+
+RECENT_EVENTS = 50
+MAX_USERS_LISTED = 100
+DEFAULT_EVENTS_PAGE = 100
+MAX_EVENTS_PAGE = 1000
+
+
+@require_admin
+async def get_settings(request: web.Request) -> web.Response:
+    settings = await request.app[settings_key].load()
+    return json_response(settings.masked())
+
+
+@require_admin
+async def patch_settings(request: web.Request) -> web.Response:
+    patch = await read_json(request)
+    try:
+        after = await save_settings(request.app, patch)
+    except ValidationError as exc:
+        return json_response({"errors": exc.messages}, status=400)
+    return json_response(after.masked())
+
+
+@require_admin
+async def start_sync(request: web.Request) -> web.Response:
+    if request.query.get("wait", "").lower() in ("1", "true", "yes"):
+        full = request.query.get("full", "").lower() in ("1", "true", "yes")
+        summary = await request.app[sync_key].run_once("api", full=full)
+        return json_response(summary.as_dict())
+    request.app[scheduler_key].start_pass()
+    return json_response({"started": True}, status=202)
+
+
+@require_admin
+async def retry_failed(request: web.Request) -> web.Response:
+    """Quarantined users, webhooks and forwarded events become pending again (see
+    :mod:`connector.ops.quarantine`); a sync and the webhook processing start at once."""
+    return json_response({"retried": await request.app[scheduler_key].retry_failed()})
+
+
+@require_admin
+async def get_quarantine(request: web.Request) -> web.Response:
+    """How many records each pipeline set aside, with the latest reason."""
+    async with request.app[sessionmaker_key]() as session:
+        held = await quarantine.quarantined(session)
+    return json_response({name: item.as_dict() for name, item in held.items()})
+
+
+def _event_json(event: UserEvent) -> dict[str, Any]:
+    return {
+        "event_id": event.event_id,
+        "name": event.name,
+        "occurred_at": event.occurred_at,
+        "status": event.status,
+        "reason": event.reason,
+        "sent_at": event.sent_at,
+    }
+
+
+def user_json(user: User) -> dict[str, Any]:
+    return {
+        "id": user.id,
+        "external_id": user.external_id,
+        "email": user.email,
+        "anonymous_ids": user.anonymous_ids,
+        "segments": user.segments,
+        "attributes": user.attributes,
+        "account": user.account,
+        "sync": {
+            "status": user.sync_status,
+            "pending": user.pending,
+            "attempts": user.attempts,
+            "next_attempt_at": user.next_attempt_at if user.pending else None,
+            "skip_reason": user.skip_reason,
+            "attribute_errors": user.attribute_errors,
+        },
+        "customerio": {
+            "id": user.cio_id,
+            "created_at": user.cio_created_at,
+            "synced_at": user.cio_synced_at,
+            "deleted_at": user.cio_deleted_at,
+            "hash": user.cio_hash,
+            "cio_id": user.cio_ref,
+            "last_error": user.last_error,
+        },
+        "updated_at": user.updated_at,
+    }
+
+
+@require_admin
+async def get_user(request: web.Request) -> web.Response:
+    user_id = request.match_info["user_id"]
+    async with request.app[sessionmaker_key]() as session:
+        user = await session.get(User, user_id)
+        if user is None:
+            return json_error(404, f"no user {user_id!r}")
+        events = await session.scalars(
+            select(UserEvent)
+            .where(UserEvent.user_id == user_id)
+            .order_by(UserEvent.received_at.desc(), UserEvent.id.desc())
+            .limit(RECENT_EVENTS)
+        )
+        data = user_json(user)
+        data["events"] = [_event_json(event) for event in events]
+        tracked = await session.scalars(
+            select(TrackedEvent)
+            .where(TrackedEvent.user_id == user_id)
+            .order_by(TrackedEvent.occurred_at.desc(), TrackedEvent.id.desc())
+            .limit(RECENT_EVENTS)
+        )
+        data["tracked_events"] = [tracked_json(event) for event in tracked]
+    return json_response(data)
+
+
+@require_admin
+async def find_users(request: web.Request) -> web.Response:
+    query = select(User).order_by(User.id).limit(MAX_USERS_LISTED)
+    if email := request.query.get("email"):
+        query = query.where(User.email == email)
+    if external_id := request.query.get("external_id"):
+        query = query.where(User.external_id == external_id)
+    if status := request.query.get("status"):
+        query = query.where(User.sync_status == status)
+    async with request.app[sessionmaker_key]() as session:
+        users = (await session.scalars(query)).all()
+    return json_response({"users": [user_json(user) for user in users]})
+
+
+def tracked_json(event: TrackedEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "event_id": event.event_id,
+        "user_id": event.user_id,
+        "name": event.name,
+        "object_type": event.object_type,
+        "metric": event.metric,
+        "properties": event.properties,
+        "context": event.context,
+        "occurred_at": event.occurred_at,
+        "received_at": event.created_at,
+    }
+
+
+def _positive_int(raw: str | None, default: int, name: str) -> int:
+    if raw is None or raw == "":
+        return default
+    # Bounded before int() (thousands of digits are slow, and refused by int() itself), and
+    # to what a BIGINT column can be compared with.
+    digits = raw.isascii() and raw.isdigit()
+    if not digits or len(raw) > 19 or int(raw) > MAX_INTEGER:
+        if raw.startswith("-") and raw[1:].isascii() and raw[1:].isdigit():
+            raise web.HTTPBadRequest(reason=f"{name} must not be negative")
+        raise web.HTTPBadRequest(reason=f"{name} must be a whole number below 2^63")
+    return int(raw)
+
+
+@require_admin
+async def list_events(request: web.Request) -> web.Response:
+    """Tracked inbound events, oldest first; ``after`` is the ``next`` cursor of a page."""
+    limit = min(
+        _positive_int(request.query.get("limit"), DEFAULT_EVENTS_PAGE, "limit"), MAX_EVENTS_PAGE
+    )
+    after = _positive_int(request.query.get("after"), 0, "after")
+    query = (
+        select(TrackedEvent).where(TrackedEvent.id > after).order_by(TrackedEvent.id).limit(limit)
+    )
+    if user_id := request.query.get("user_id"):
+        query = query.where(TrackedEvent.user_id == user_id)
+    if name := request.query.get("name"):
+        query = query.where(TrackedEvent.name == name)
+    async with request.app[sessionmaker_key]() as session:
+        events = (await session.scalars(query)).all()
+    next_cursor = events[-1].id if len(events) == limit and events else None
+    return json_response({"events": [tracked_json(e) for e in events], "next": next_cursor})
+
+
+@require_admin
+async def inbound_stats(request: web.Request) -> web.Response:
+    """Webhooks by delivery status, tracked events by name, unmatched events, the last arrival."""
+    async with request.app[sessionmaker_key]() as session:
+        return json_response(await stats.inbound_stats(session))
+
+
+@require_admin
+async def catalog(request: web.Request) -> web.Response:
+    """What the platform has sent: segments (id and name), attribute paths, event names.
+
+    ``page`` is always offered among the events: it turns on page views.
+    """
+    async with request.app[sessionmaker_key]() as session:
+        return json_response(await stats.catalog(session))
+
+
+@require_admin
+async def get_webhook_url(request: web.Request) -> web.Response:
+    gate = await request.app[webhook_gate_key].refresh()
+    public_url = request.app[config_key].server.public_url
+    return json_response({"url": webhook_url(public_url, gate.token)})
+
+
+@require_admin
+async def rotate_webhook_url(request: web.Request) -> web.Response:
+    token = await request.app[webhook_gate_key].rotate()
+    public_url = request.app[config_key].server.public_url
+    return json_response({"url": webhook_url(public_url, token)})
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/api/settings", get_settings)
+    app.router.add_patch("/api/settings", patch_settings)
+    app.router.add_post("/api/sync", start_sync)
+    app.router.add_get("/api/quarantine", get_quarantine)
+    app.router.add_post("/api/retry-failed", retry_failed)
+    app.router.add_get("/api/users", find_users)
+    app.router.add_get("/api/users/{user_id}", get_user)
+    app.router.add_get("/api/events", list_events)
+    app.router.add_get("/api/inbound/stats", inbound_stats)
+    app.router.add_get("/api/catalog", catalog)
+    app.router.add_get("/api/webhook-url", get_webhook_url)
+    app.router.add_post("/api/webhook-url/rotate", rotate_webhook_url)

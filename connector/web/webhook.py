@@ -1,0 +1,106 @@
+"""``POST /webhook?conf=<token>``: Customer.io reporting webhooks, committed before the 200.
+
+Customer.io gives a receiver 4 seconds and, after any non-2xx answer, holds back every later
+webhook for an hour; so the handler does the least it can (verify, store, answer) and leaves
+mapping to the processor. Only requests that are not Customer.io's (wrong token or signature,
+unreadable bodies) are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from aiohttp import web
+
+from connector.inbound.signing import WebhookVerificationError, WebhookVerifier
+from connector.rules import safe_json
+from connector.web.keys import inbound_processor_key, inbox_key, metrics_key, webhook_gate_key
+from connector.web.responses import json_error, json_response
+
+# Customer.io's reporting webhooks are a few KB; anything near this is not one of them.
+MAX_WEBHOOK_BYTES = 1024 * 1024
+# Kept with the raw body: what is needed to re-verify or debug a delivery later.
+KEPT_HEADERS = ("X-CIO-Signature", "X-CIO-Timestamp", "Content-Type", "User-Agent")
+MAX_EVENT_ID_LENGTH = 255
+
+
+async def _read_body(request: web.Request) -> bytes | None:
+    """The body, or None when it is over :data:`MAX_WEBHOOK_BYTES`."""
+    if request.content_length is not None and request.content_length > MAX_WEBHOOK_BYTES:
+        return None
+    body = await request.content.read(MAX_WEBHOOK_BYTES + 1)
+    return None if len(body) > MAX_WEBHOOK_BYTES else body
+
+
+def delivery_key(payload: dict[str, Any], body: bytes) -> str:
+    """Customer.io's ``event_id``; a payload without a usable one (missing, too long, or text
+    that cannot be stored) is keyed by its content."""
+    event_id = payload.get("event_id")
+    if isinstance(event_id, int) and not isinstance(event_id, bool):
+        event_id = str(event_id)
+    if (
+        isinstance(event_id, str)
+        and event_id.strip()
+        and len(event_id) <= MAX_EVENT_ID_LENGTH
+        and safe_json.is_storable(event_id)
+    ):
+        return event_id.strip()
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+async def receive(request: web.Request) -> web.Response:
+    metrics = request.app[metrics_key]
+    gate = await request.app[webhook_gate_key].current()
+    if not gate.token_matches(request.query.get("conf", "")):
+        metrics.webhooks.labels("unauthorized", "").inc()
+        return json_error(401, "unknown webhook token")
+    body = await _read_body(request)
+    if body is None:
+        metrics.webhooks.labels("too_large", "").inc()
+        return json_error(413, f"webhook bodies are limited to {MAX_WEBHOOK_BYTES} bytes")
+    if gate.signing_key:
+        verifier = WebhookVerifier(gate.signing_key, gate.tolerance_seconds)
+        try:
+            verifier.verify(
+                body,
+                request.headers.get("X-CIO-Signature"),
+                request.headers.get("X-CIO-Timestamp"),
+            )
+        except WebhookVerificationError as exc:
+            metrics.webhooks.labels("bad_signature", "").inc()
+            return json_error(401, f"signature check failed: {exc}")
+    try:
+        # Text holding NUL or lone surrogates is not refused (Customer.io backlogs after any
+        # non-2xx): the raw body is stored as it came, and the processor maps a cleaned copy.
+        payload = safe_json.loads(body)
+    except safe_json.UnsafeJSON as exc:
+        metrics.webhooks.labels("malformed", "").inc()
+        return json_error(400, str(exc))
+    if not isinstance(payload, dict):
+        metrics.webhooks.labels("malformed", "").inc()
+        return json_error(400, "a webhook body must be a JSON object")
+    headers = {
+        name: safe_json.clean_text(request.headers[name])
+        for name in KEPT_HEADERS
+        if name in request.headers
+    }
+    # loads() succeeded, so the body is valid UTF-8; escapes keep NUL out of its raw text.
+    stored = await request.app[inbox_key].store(delivery_key(payload, body), body.decode(), headers)
+    if not stored:
+        metrics.webhooks.labels("duplicate", "").inc()
+        return json_response({"ok": True, "duplicate": True})
+    metrics.webhooks.labels("stored", "").inc()
+    request.app[inbound_processor_key].wake()
+    return json_response({"ok": True})
+
+
+async def _processor_gives_way(app: web.Application) -> None:
+    # on_startup handlers run after the cleanup contexts that create the inbox and processor.
+    inbox = app[inbox_key]
+    app[inbound_processor_key].give_way_to(lambda: inbox.busy)
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/webhook", receive)
+    app.on_startup.append(_processor_gives_way)
