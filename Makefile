@@ -30,10 +30,12 @@ run: $(STAMP) settings.toml
 test: $(TEST_STAMP)
 	$(BIN)/ruff check $(CODE)
 	$(BIN)/ruff format --check $(CODE)
+	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check $(CODE)
+	$(BIN)/lint-imports
 
 format: $(TEST_STAMP)
 	$(BIN)/ruff format $(CODE)
@@ -43,7 +45,7 @@ screenshots: $(TEST_STAMP)
 	CONNECTOR_UPDATE_SCREENSHOTS=1 $(BIN)/pytest tests/web/test_browser.py
 
 bench: $(TEST_STAMP)
-	$(BIN)/python bench/outbound.py
+	$(BIN)/python -m bench.outbound
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -28,10 +28,10 @@ from typing import Any
 
 from bench.inbound import HOST, query, stop, wait_healthy
 from bench.outbound import fake_track_api
+from bench.report import REPO
 from tests.fuzzing import SECRET_SETTINGS, Fuzzer, Outcome, draw_requests, routes_of
 from tests.support import free_port, scratch_database
 
-REPO = Path(__file__).resolve().parent.parent
 ADMIN_PASSWORD = "bench-admin-password"
 INGEST_TOKEN = "bench-ingest-token-0123456789"
 SITE_ID, API_KEY = "fake-site-id", "fake-api-key"

@@ -50,11 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tests.support import free_port, scratch_database  # noqa: E402
-from tests.support import stop_process as stop  # noqa: E402
+from bench.report import REPO, row
+from tests.support import free_port, scratch_database
+from tests.support import stop_process as stop
 
 FIXTURES = REPO / "tests" / "fixtures"
 # The fixtures that are Customer.io reporting webhooks (the others are platform notifications).
@@ -159,7 +157,7 @@ class Server:
 def bare_server(workdir: Path) -> Iterator[Server]:
     port = free_port()
     log_file = workdir / "bare.log"
-    command = [sys.executable, str(Path(__file__).resolve()), "--bare-server", str(port)]
+    command = [sys.executable, "-m", "bench.inbound", "--bare-server", str(port)]
     with log_file.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
@@ -586,15 +584,8 @@ def crash_check(service: Server, factory: WebhookFactory, args: argparse.Namespa
 # -- the report ------------------------------------------------------------------------------
 
 
-def _verdict(met: bool) -> str:
-    return "TARGET MET" if met else "TARGET MISSED"
-
-
 def _row(label: str, value: str, target: str = "", met: bool | None = None) -> str:
-    line = f"  {label:<30}{value:<46}"
-    if target:
-        line += f"{target:<14}{_verdict(bool(met))}"
-    return line.rstrip()
+    return row(label, value, target, met, widths=(30, 46, 14))
 
 
 def _errors(result: LoadResult) -> str:
@@ -789,7 +780,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.bare_server:
         return run_bare_server(args.bare_server)
-    sys.path.insert(0, str(REPO))
     workdir = Path(tempfile.mkdtemp(prefix="bench-inbound-"))
     factory = WebhookFactory()
     # wrk cycles through a pool built beforehand; the Python client stops when its runs out.

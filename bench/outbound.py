@@ -39,10 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tests.support import scratch_database  # noqa: E402
+from bench.report import REPO, row
+from tests.support import scratch_database
 
 FAKE_SCRIPT = REPO / "tests" / "fake_customerio.py"
 # The fake's default workspace credentials: any others get a 401.
@@ -480,21 +478,14 @@ def run_child(kind: str, job: Job, workdir: Path) -> dict[str, Any]:
     stem = workdir / f"{kind}-{job.users}"
     job_file, result_file = stem.with_suffix(".job.json"), stem.with_suffix(".result.json")
     job_file.write_text(json.dumps(asdict(job)))
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind]
+    command = [sys.executable, "-m", "bench.outbound", "--worker", kind]
     command += ["--job", str(job_file), "--result", str(result_file)]
     subprocess.run(command, check=True, cwd=REPO)
     return json.loads(result_file.read_text())
 
 
-def _verdict(met: bool) -> str:
-    return "TARGET MET" if met else "TARGET MISSED"
-
-
 def _row(label: str, value: str, target: str = "", met: bool | None = None) -> str:
-    line = f"  {label:<28}{value:<34}"
-    if target:
-        line += f"{target:<16}{_verdict(bool(met))}"
-    return line.rstrip()
+    return row(label, value, target, met, widths=(28, 34, 16))
 
 
 def print_report(

@@ -21,10 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from bench.outbound import (  # noqa: E402
+from bench.outbound import (
     ADMIN_PASSWORD,
     MAX_ATTRIBUTES_PER_CALL,
     SEGMENT,
@@ -32,8 +29,8 @@ from bench.outbound import (  # noqa: E402
     requests_per_user,
     user_message,
 )
-from tests.fake_customerio import FakeCustomerIO  # noqa: E402
-from tests.support import scratch_database  # noqa: E402
+from tests.fake_customerio import FakeCustomerIO
+from tests.support import scratch_database
 
 TARGET = "every user synced, Customer.io holding every attribute and event once"
 

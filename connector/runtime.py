@@ -1,4 +1,11 @@
-"""Everything a running connector needs, opened once: by the web app and by the CLI alike."""
+"""The composition root: every service of a running connector, built in one place and used by
+the web app and the CLI alike.
+
+:func:`build_runtime` constructs (no I/O); :meth:`Runtime.opened` prepares the database and
+loads what the services read at start (seeded settings, secrets, the webhook token), then
+disposes of it all; :meth:`Runtime.serving` runs the background work of a serving instance
+(the webhook inbox, the inbound processor, the scheduler's jobs).
+"""
 
 from __future__ import annotations
 
@@ -17,17 +24,21 @@ from connector.db.engine import is_sqlite, make_engine, make_sessionmaker
 from connector.db.kv import KeyValueStore
 from connector.forwarding.outbox import ForwardingService
 from connector.inbound.gate import WebhookGate
+from connector.inbound.inbox import InboxWriter
 from connector.inbound.processor import InboundProcessor
 from connector.ops.metrics import Metrics
 from connector.ops.status import CredentialStatusStore
+from connector.outbound.credential_check import CredentialChecker
 from connector.outbound.engine import SyncEngine
 from connector.outbound.instances import SendingInstances
 from connector.outbound.ratelimit import TokenBucket
 from connector.outbound.repository import OutboundRepository
 from connector.outbound.sender import CustomerIOSender
 from connector.outbound.service import SenderFactory, SyncService
+from connector.scheduler import Scheduler
+from connector.settings.changes import SettingsChanges
 from connector.settings.model import ConnectorSettings
-from connector.settings.secrets import ServiceSecrets, ensure_secrets
+from connector.settings.secrets import ServiceSecrets
 from connector.settings.store import SettingsStore
 
 
@@ -42,13 +53,46 @@ class Runtime:
     sessionmaker: async_sessionmaker
     kv: KeyValueStore
     settings: SettingsStore
+    settings_changes: SettingsChanges
     credentials: CredentialStatusStore
+    credential_checker: CredentialChecker
     secrets: ServiceSecrets
     metrics: Metrics
     sync: SyncService
     gate: WebhookGate
+    inbox: InboxWriter
     processor: InboundProcessor
     forwarding: ForwardingService
+    scheduler: Scheduler
+
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[Runtime]:
+        """The database prepared and the start-up reads done; everything closed at the end."""
+        try:
+            await prepare_database(self.config)
+            await self.settings.seed(self.config.connector)
+            await self.secrets.load()
+            await self.gate.refresh()
+            yield self
+        finally:
+            await self.forwarding.close()
+            await self.engine.dispose()
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """The background work of an instance that receives: the inbox's group commits, the
+        processor (woken at once for deliveries stored before a restart) and the scheduler."""
+        self.inbox.start()
+        self.processor.give_way_to(lambda: self.inbox.busy)
+        self.processor.start()
+        self.processor.wake()
+        self.scheduler.start()
+        try:
+            yield
+        finally:
+            await self.scheduler.shutdown()
+            await self.inbox.close()
+            await self.processor.close()
 
 
 def instance_id() -> str:
@@ -85,6 +129,74 @@ async def prepare_database(config: Config) -> None:
         await engine.dispose()
 
 
+def build_runtime(
+    config: Config,
+    *,
+    metrics: Metrics | None = None,
+    sender_factory: SenderFactory | None = None,
+) -> Runtime:
+    """Every service, wired to its collaborators; nothing is read or started yet."""
+    engine = make_engine(config.database.url)
+    sessionmaker = make_sessionmaker(engine)
+    kv = KeyValueStore(sessionmaker)
+    settings = SettingsStore(kv)
+    credentials = CredentialStatusStore(kv)
+    metrics = metrics or Metrics()
+    repository = OutboundRepository(sessionmaker, instance_id(), config.sync.lease_seconds)
+    sync = SyncService(
+        repository=repository,
+        engine=SyncEngine(repository, config.sync, metrics),
+        settings=settings,
+        credentials=credentials,
+        sender_factory=sender_factory or customerio_sender_factory(config),
+        instances=SendingInstances(sessionmaker, repository.instance_id),
+        rate_limit_per_second=config.sync.rate_limit_per_second,
+    )
+    gate = WebhookGate(kv, settings)
+    processor = InboundProcessor(sessionmaker, settings, metrics, config.sync.lease_seconds)
+    forwarding = ForwardingService(
+        sessionmaker, settings, config.sync, metrics, repository.instance_id
+    )
+    credential_checker = CredentialChecker(config, settings, credentials)
+    scheduler = Scheduler(
+        sync,
+        processor,
+        sessionmaker,
+        config,
+        credential_check=credential_checker.check_stored,
+        forwarding=forwarding,
+    )
+    settings_changes = SettingsChanges(
+        settings,
+        credentials_changed=lambda: credentials.record("unknown", "credentials changed"),
+        mapping_changed=lambda: repository.mark_all_pending(full=False),
+        webhook_keys_changed=gate.refresh,
+        sync_soon=scheduler.trigger_sync,
+    )
+    return Runtime(
+        config=config,
+        engine=engine,
+        sessionmaker=sessionmaker,
+        kv=kv,
+        settings=settings,
+        settings_changes=settings_changes,
+        credentials=credentials,
+        credential_checker=credential_checker,
+        secrets=ServiceSecrets(
+            kv,
+            secret_key=config.security.secret_key,
+            ingest_token=config.security.ingest_token,
+        ),
+        metrics=metrics,
+        sync=sync,
+        gate=gate,
+        inbox=InboxWriter(sessionmaker),
+        processor=processor,
+        forwarding=forwarding,
+        scheduler=scheduler,
+    )
+
+
 @asynccontextmanager
 async def open_runtime(
     config: Config,
@@ -92,48 +204,6 @@ async def open_runtime(
     metrics: Metrics | None = None,
     sender_factory: SenderFactory | None = None,
 ) -> AsyncIterator[Runtime]:
-    await prepare_database(config)
-    engine = make_engine(config.database.url)
-    try:
-        sessionmaker = make_sessionmaker(engine)
-        kv = KeyValueStore(sessionmaker)
-        settings = SettingsStore(kv)
-        await settings.seed(config.connector)
-        credentials = CredentialStatusStore(kv)
-        metrics = metrics or Metrics()
-        repository = OutboundRepository(sessionmaker, instance_id(), config.sync.lease_seconds)
-        sync = SyncService(
-            repository=repository,
-            engine=SyncEngine(repository, config.sync, metrics),
-            settings=settings,
-            credentials=credentials,
-            sender_factory=sender_factory or customerio_sender_factory(config),
-            instances=SendingInstances(sessionmaker, repository.instance_id),
-            rate_limit_per_second=config.sync.rate_limit_per_second,
-        )
-        gate = WebhookGate(kv, settings)
-        await gate.refresh()
-        processor = InboundProcessor(sessionmaker, settings, metrics, config.sync.lease_seconds)
-        forwarding = ForwardingService(
-            sessionmaker, settings, config.sync, metrics, repository.instance_id
-        )
-        runtime = Runtime(
-            config=config,
-            engine=engine,
-            sessionmaker=sessionmaker,
-            kv=kv,
-            settings=settings,
-            credentials=credentials,
-            secrets=await ensure_secrets(config, kv),
-            metrics=metrics,
-            sync=sync,
-            gate=gate,
-            processor=processor,
-            forwarding=forwarding,
-        )
-        try:
-            yield runtime
-        finally:
-            await forwarding.close()
-    finally:
-        await engine.dispose()
+    """A runtime built and opened (for the CLI and tests; the web app opens its own)."""
+    async with build_runtime(config, metrics=metrics, sender_factory=sender_factory).opened() as rt:
+        yield rt

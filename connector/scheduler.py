@@ -16,6 +16,7 @@ from connector.forwarding.outbox import ForwardingService
 from connector.inbound.processor import InboundProcessor
 from connector.inbound.retention import purge_deliveries
 from connector.ops import quarantine
+from connector.outbound.engine import SyncSummary
 from connector.outbound.service import SyncService
 
 log = logging.getLogger("connector.scheduler")
@@ -125,33 +126,43 @@ class Scheduler:
             if job.next_run_time is None or job.next_run_time > soon:
                 job.modify(next_run_time=soon)
 
-    def start_pass(self) -> None:
-        """A pass on request (``POST /api/sync``), even when ``sync.scheduled`` is off."""
+    async def request_pass(
+        self, trigger: str, *, full: bool = False, wait: bool = False
+    ) -> SyncSummary | None:
+        """ "Sync now", from the admin API, the settings page or a retry: the one way to ask
+        for a pass, even when ``sync.scheduled`` is off.
+
+        With ``wait``, the pass runs here and its summary is returned (after the one under way,
+        if any: the sync service runs one pass at a time). Otherwise it starts within about a
+        second (on the schedule's job when the sync is scheduled, as a task of its own when
+        not), after the one under way.
+        """
+        if wait:
+            return await self._sync.run_once(trigger, full=full)
         if self._config.scheduled and self._scheduler.running:
             self.trigger_sync()
-            return
-        if self._sync.running:
+        elif self._sync.running:
             self._rerun = True
-            return
-        if not self._stopping:
-            self._manual = asyncio.create_task(self._sync_job(), name="sync-on-request")
+        elif not self._stopping:
+            self._manual = asyncio.create_task(self._sync_job(trigger), name="sync-on-request")
+        return None
 
     async def retry_failed(self) -> dict[str, int]:
         """What the pipelines set aside becomes pending again (see :mod:`connector.ops.quarantine`),
         and the jobs that take it start now; returns how many of each kind."""
         retried = await quarantine.retry_failed(self._sessionmaker)
         if retried["users"]:
-            self.start_pass()
+            await self.request_pass("retry")
         if retried["webhooks"]:
             self._processor.wake()
         return retried
 
-    async def _sync_job(self) -> None:
+    async def _sync_job(self, trigger: str = "schedule") -> None:
         self._job = asyncio.current_task()
         while not self._stopping:
             self._rerun = False
             try:
-                await self._sync.run_once("schedule")
+                await self._sync.run_once(trigger)
             except Exception:
                 log.exception("outbound sync pass failed")
                 return

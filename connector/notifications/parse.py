@@ -25,7 +25,10 @@ class InvalidNotification(ValueError):
 
 
 @dataclass(frozen=True)
-class IncomingEvent:
+class PlatformEvent:
+    """An event the platform sent for a user: as parsed, as stored, and as the outbound sync
+    reads it back."""
+
     event_id: str
     name: str
     properties: dict[str, Any]
@@ -46,7 +49,7 @@ class UserMessage:
     account: dict[str, Any]
     segments: list[dict[str, Any]]
     indexed_at: datetime | None
-    events: list[IncomingEvent] = field(default_factory=list)
+    events: list[PlatformEvent] = field(default_factory=list)
     index: int = 0
     """Position of the (first) message in the notification, for error reports."""
 
@@ -108,7 +111,7 @@ def strip_traits_prefix(user: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _parse_event(raw: Any, position: int) -> IncomingEvent:
+def _parse_event(raw: Any, position: int) -> PlatformEvent:
     if not isinstance(raw, dict):
         raise ValueError(f"events[{position}] must be an object")
     name = _bounded(_text(raw.get("event")), f"events[{position}].event")
@@ -122,7 +125,7 @@ def _parse_event(raw: Any, position: int) -> IncomingEvent:
     context = raw.get("context") or {}
     if not isinstance(properties, dict) or not isinstance(context, dict):
         raise ValueError(f"events[{position}] properties and context must be objects")
-    return IncomingEvent(
+    return PlatformEvent(
         event_id=event_id,
         name=name,
         properties=properties,

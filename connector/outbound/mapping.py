@@ -14,7 +14,8 @@ from typing import Any, Final
 
 from ulid import ULID
 
-from connector.outbound.operations import EventSnapshot, UserSnapshot
+from connector.notifications.parse import PlatformEvent
+from connector.outbound.operations import UserSnapshot
 from connector.rules.dates import EPOCH, as_utc, to_unix_seconds
 from connector.settings.model import ConnectorSettings
 
@@ -268,7 +269,7 @@ def _present(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def page_view(event: EventSnapshot) -> tuple[str | None, dict[str, Any]]:
+def page_view(event: PlatformEvent) -> tuple[str | None, dict[str, Any]]:
     """Name and data of a page view.
 
     The name is ``properties.url``, else ``context.page_url``; None when neither is a
@@ -287,7 +288,7 @@ def page_view(event: EventSnapshot) -> tuple[str | None, dict[str, Any]]:
     return name, data
 
 
-def is_from_customerio(event: EventSnapshot) -> bool:
+def is_from_customerio(event: PlatformEvent) -> bool:
     """Whether the event came from Customer.io (context ``source: customerio``).
 
     Such events are never sent back, or they would loop between the two systems.

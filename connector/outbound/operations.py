@@ -12,18 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from connector.notifications.parse import PlatformEvent
 from connector.rules.delivery import SendOutcome
-
-
-@dataclass(frozen=True)
-class EventSnapshot:
-    """A platform event waiting to go out."""
-
-    event_id: str
-    name: str
-    properties: dict[str, Any]
-    context: dict[str, Any]
-    occurred_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -47,7 +37,7 @@ class UserSnapshot:
     cio_id: str | None = None
     cio_created_at: datetime | None = None
     cio_deleted_at: datetime | None = None
-    events: tuple[EventSnapshot, ...] = ()
+    events: tuple[PlatformEvent, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from connector.notifications.parse import PlatformEvent
 from connector.outbound import mapping
 from connector.outbound.operations import (
     DeleteCustomer,
-    EventSnapshot,
     Identify,
     PlanAction,
     Track,
@@ -43,7 +43,7 @@ def in_segments(user: UserSnapshot, settings: ConnectorSettings) -> bool:
     return user.via_batch or bool(segment_ids & set(settings.synchronized_segments))
 
 
-def _skip_all(events: Iterable[EventSnapshot], reason: str) -> dict[str, str]:
+def _skip_all(events: Iterable[PlatformEvent], reason: str) -> dict[str, str]:
     return {event.event_id: reason for event in events}
 
 

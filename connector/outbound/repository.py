@@ -21,7 +21,8 @@ from sqlalchemy.orm import load_only
 from connector.db.claims import claim_rows, unclaimed
 from connector.db.models import SyncRun, User, UserEvent
 from connector.db.types import utcnow
-from connector.outbound.operations import EventSnapshot, UserSnapshot
+from connector.notifications.parse import PlatformEvent
+from connector.outbound.operations import UserSnapshot
 
 
 @dataclass
@@ -175,7 +176,7 @@ class OutboundRepository:
 
     async def _load(self, session: AsyncSession, ids: list[str]) -> list[ClaimedUser]:
         users = (await session.scalars(select(User).where(User.id.in_(ids)))).all()
-        events: dict[str, list[EventSnapshot]] = defaultdict(list)
+        events: dict[str, list[PlatformEvent]] = defaultdict(list)
         rows = await session.scalars(
             select(UserEvent)
             .where(UserEvent.user_id.in_(ids), UserEvent.status == "pending")
@@ -183,7 +184,7 @@ class OutboundRepository:
         )
         for event in rows:
             events[event.user_id].append(
-                EventSnapshot(
+                PlatformEvent(
                     event_id=event.event_id,
                     name=event.name,
                     properties=event.properties or {},
@@ -343,7 +344,7 @@ class OutboundRepository:
             )
 
 
-def _snapshot(user: User, events: list[EventSnapshot]) -> UserSnapshot:
+def _snapshot(user: User, events: list[PlatformEvent]) -> UserSnapshot:
     return UserSnapshot(
         id=user.id,
         external_id=user.external_id,

@@ -12,63 +12,14 @@ from connector.db.models import TrackedEvent, User, UserEvent
 from connector.inbound.gate import webhook_url
 from connector.ops import quarantine, stats
 from connector.rules.safe_json import MAX_INTEGER
-from connector.settings.changes import save_settings
-from connector.web.auth import require_admin
-from connector.web.keys import (
-    config_key,
-    scheduler_key,
-    sessionmaker_key,
-    settings_key,
-    sync_key,
-    webhook_gate_key,
-)
+from connector.runtime import Runtime
+from connector.web.auth import Auth
 from connector.web.responses import json_error, json_response, read_json
 
 RECENT_EVENTS = 50
 MAX_USERS_LISTED = 100
 DEFAULT_EVENTS_PAGE = 100
 MAX_EVENTS_PAGE = 1000
-
-
-@require_admin
-async def get_settings(request: web.Request) -> web.Response:
-    settings = await request.app[settings_key].load()
-    return json_response(settings.masked())
-
-
-@require_admin
-async def patch_settings(request: web.Request) -> web.Response:
-    patch = await read_json(request)
-    try:
-        after = await save_settings(request.app, patch)
-    except ValidationError as exc:
-        return json_response({"errors": exc.messages}, status=400)
-    return json_response(after.masked())
-
-
-@require_admin
-async def start_sync(request: web.Request) -> web.Response:
-    if request.query.get("wait", "").lower() in ("1", "true", "yes"):
-        full = request.query.get("full", "").lower() in ("1", "true", "yes")
-        summary = await request.app[sync_key].run_once("api", full=full)
-        return json_response(summary.as_dict())
-    request.app[scheduler_key].start_pass()
-    return json_response({"started": True}, status=202)
-
-
-@require_admin
-async def retry_failed(request: web.Request) -> web.Response:
-    """Quarantined users, webhooks and forwarded events become pending again (see
-    :mod:`connector.ops.quarantine`); a sync and the webhook processing start at once."""
-    return json_response({"retried": await request.app[scheduler_key].retry_failed()})
-
-
-@require_admin
-async def get_quarantine(request: web.Request) -> web.Response:
-    """How many records each pipeline set aside, with the latest reason."""
-    async with request.app[sessionmaker_key]() as session:
-        held = await quarantine.quarantined(session)
-    return json_response({name: item.as_dict() for name, item in held.items()})
 
 
 def _event_json(event: UserEvent) -> dict[str, Any]:
@@ -112,45 +63,6 @@ def user_json(user: User) -> dict[str, Any]:
     }
 
 
-@require_admin
-async def get_user(request: web.Request) -> web.Response:
-    user_id = request.match_info["user_id"]
-    async with request.app[sessionmaker_key]() as session:
-        user = await session.get(User, user_id)
-        if user is None:
-            return json_error(404, f"no user {user_id!r}")
-        events = await session.scalars(
-            select(UserEvent)
-            .where(UserEvent.user_id == user_id)
-            .order_by(UserEvent.received_at.desc(), UserEvent.id.desc())
-            .limit(RECENT_EVENTS)
-        )
-        data = user_json(user)
-        data["events"] = [_event_json(event) for event in events]
-        tracked = await session.scalars(
-            select(TrackedEvent)
-            .where(TrackedEvent.user_id == user_id)
-            .order_by(TrackedEvent.occurred_at.desc(), TrackedEvent.id.desc())
-            .limit(RECENT_EVENTS)
-        )
-        data["tracked_events"] = [tracked_json(event) for event in tracked]
-    return json_response(data)
-
-
-@require_admin
-async def find_users(request: web.Request) -> web.Response:
-    query = select(User).order_by(User.id).limit(MAX_USERS_LISTED)
-    if email := request.query.get("email"):
-        query = query.where(User.email == email)
-    if external_id := request.query.get("external_id"):
-        query = query.where(User.external_id == external_id)
-    if status := request.query.get("status"):
-        query = query.where(User.sync_status == status)
-    async with request.app[sessionmaker_key]() as session:
-        users = (await session.scalars(query)).all()
-    return json_response({"users": [user_json(user) for user in users]})
-
-
 def tracked_json(event: TrackedEvent) -> dict[str, Any]:
     return {
         "id": event.id,
@@ -179,67 +91,138 @@ def _positive_int(raw: str | None, default: int, name: str) -> int:
     return int(raw)
 
 
-@require_admin
-async def list_events(request: web.Request) -> web.Response:
-    """Tracked inbound events, oldest first; ``after`` is the ``next`` cursor of a page."""
-    limit = min(
-        _positive_int(request.query.get("limit"), DEFAULT_EVENTS_PAGE, "limit"), MAX_EVENTS_PAGE
-    )
-    after = _positive_int(request.query.get("after"), 0, "after")
-    query = (
-        select(TrackedEvent).where(TrackedEvent.id > after).order_by(TrackedEvent.id).limit(limit)
-    )
-    if user_id := request.query.get("user_id"):
-        query = query.where(TrackedEvent.user_id == user_id)
-    if name := request.query.get("name"):
-        query = query.where(TrackedEvent.name == name)
-    async with request.app[sessionmaker_key]() as session:
-        events = (await session.scalars(query)).all()
-    next_cursor = events[-1].id if len(events) == limit and events else None
-    return json_response({"events": [tracked_json(e) for e in events], "next": next_cursor})
+class AdminAPI:
+    def __init__(self, runtime: Runtime):
+        self._settings = runtime.settings
+        self._changes = runtime.settings_changes
+        self._sessionmaker = runtime.sessionmaker
+        self._scheduler = runtime.scheduler
+        self._gate = runtime.gate
+        self._public_url = runtime.config.server.public_url
+
+    async def get_settings(self, request: web.Request) -> web.Response:
+        settings = await self._settings.load()
+        return json_response(settings.masked())
+
+    async def patch_settings(self, request: web.Request) -> web.Response:
+        patch = await read_json(request)
+        try:
+            after = await self._changes.save(patch)
+        except ValidationError as exc:
+            return json_response({"errors": exc.messages}, status=400)
+        return json_response(after.masked())
+
+    async def start_sync(self, request: web.Request) -> web.Response:
+        wait = request.query.get("wait", "").lower() in ("1", "true", "yes")
+        full = request.query.get("full", "").lower() in ("1", "true", "yes")
+        summary = await self._scheduler.request_pass("api", full=full, wait=wait)
+        if summary is None:
+            return json_response({"started": True}, status=202)
+        return json_response(summary.as_dict())
+
+    async def retry_failed(self, request: web.Request) -> web.Response:
+        """Quarantined users, webhooks and forwarded events become pending again (see
+        :mod:`connector.ops.quarantine`); a sync and the webhook processing start at once."""
+        return json_response({"retried": await self._scheduler.retry_failed()})
+
+    async def get_quarantine(self, request: web.Request) -> web.Response:
+        """How many records each pipeline set aside, with the latest reason."""
+        async with self._sessionmaker() as session:
+            held = await quarantine.quarantined(session)
+        return json_response({name: item.as_dict() for name, item in held.items()})
+
+    async def get_user(self, request: web.Request) -> web.Response:
+        user_id = request.match_info["user_id"]
+        async with self._sessionmaker() as session:
+            user = await session.get(User, user_id)
+            if user is None:
+                return json_error(404, f"no user {user_id!r}")
+            events = await session.scalars(
+                select(UserEvent)
+                .where(UserEvent.user_id == user_id)
+                .order_by(UserEvent.received_at.desc(), UserEvent.id.desc())
+                .limit(RECENT_EVENTS)
+            )
+            data = user_json(user)
+            data["events"] = [_event_json(event) for event in events]
+            tracked = await session.scalars(
+                select(TrackedEvent)
+                .where(TrackedEvent.user_id == user_id)
+                .order_by(TrackedEvent.occurred_at.desc(), TrackedEvent.id.desc())
+                .limit(RECENT_EVENTS)
+            )
+            data["tracked_events"] = [tracked_json(event) for event in tracked]
+        return json_response(data)
+
+    async def find_users(self, request: web.Request) -> web.Response:
+        query = select(User).order_by(User.id).limit(MAX_USERS_LISTED)
+        if email := request.query.get("email"):
+            query = query.where(User.email == email)
+        if external_id := request.query.get("external_id"):
+            query = query.where(User.external_id == external_id)
+        if status := request.query.get("status"):
+            query = query.where(User.sync_status == status)
+        async with self._sessionmaker() as session:
+            users = (await session.scalars(query)).all()
+        return json_response({"users": [user_json(user) for user in users]})
+
+    async def list_events(self, request: web.Request) -> web.Response:
+        """Tracked inbound events, oldest first; ``after`` is the ``next`` cursor of a page."""
+        limit = min(
+            _positive_int(request.query.get("limit"), DEFAULT_EVENTS_PAGE, "limit"), MAX_EVENTS_PAGE
+        )
+        after = _positive_int(request.query.get("after"), 0, "after")
+        query = (
+            select(TrackedEvent)
+            .where(TrackedEvent.id > after)
+            .order_by(TrackedEvent.id)
+            .limit(limit)
+        )
+        if user_id := request.query.get("user_id"):
+            query = query.where(TrackedEvent.user_id == user_id)
+        if name := request.query.get("name"):
+            query = query.where(TrackedEvent.name == name)
+        async with self._sessionmaker() as session:
+            events = (await session.scalars(query)).all()
+        next_cursor = events[-1].id if len(events) == limit and events else None
+        return json_response({"events": [tracked_json(e) for e in events], "next": next_cursor})
+
+    async def inbound_stats(self, request: web.Request) -> web.Response:
+        """Webhooks by delivery status, tracked events by name, unmatched events, the last
+        arrival."""
+        async with self._sessionmaker() as session:
+            return json_response(await stats.inbound_stats(session))
+
+    async def catalog(self, request: web.Request) -> web.Response:
+        """What the platform has sent: segments (id and name), attribute paths, event names.
+
+        ``page`` is always offered among the events: it turns on page views.
+        """
+        async with self._sessionmaker() as session:
+            return json_response(await stats.catalog(session))
+
+    async def get_webhook_url(self, request: web.Request) -> web.Response:
+        gate = await self._gate.refresh()
+        public_url = self._public_url
+        return json_response({"url": webhook_url(public_url, gate.token)})
+
+    async def rotate_webhook_url(self, request: web.Request) -> web.Response:
+        token = await self._gate.rotate()
+        public_url = self._public_url
+        return json_response({"url": webhook_url(public_url, token)})
 
 
-@require_admin
-async def inbound_stats(request: web.Request) -> web.Response:
-    """Webhooks by delivery status, tracked events by name, unmatched events, the last arrival."""
-    async with request.app[sessionmaker_key]() as session:
-        return json_response(await stats.inbound_stats(session))
-
-
-@require_admin
-async def catalog(request: web.Request) -> web.Response:
-    """What the platform has sent: segments (id and name), attribute paths, event names.
-
-    ``page`` is always offered among the events: it turns on page views.
-    """
-    async with request.app[sessionmaker_key]() as session:
-        return json_response(await stats.catalog(session))
-
-
-@require_admin
-async def get_webhook_url(request: web.Request) -> web.Response:
-    gate = await request.app[webhook_gate_key].refresh()
-    public_url = request.app[config_key].server.public_url
-    return json_response({"url": webhook_url(public_url, gate.token)})
-
-
-@require_admin
-async def rotate_webhook_url(request: web.Request) -> web.Response:
-    token = await request.app[webhook_gate_key].rotate()
-    public_url = request.app[config_key].server.public_url
-    return json_response({"url": webhook_url(public_url, token)})
-
-
-def setup_routes(app: web.Application) -> None:
-    app.router.add_get("/api/settings", get_settings)
-    app.router.add_patch("/api/settings", patch_settings)
-    app.router.add_post("/api/sync", start_sync)
-    app.router.add_get("/api/quarantine", get_quarantine)
-    app.router.add_post("/api/retry-failed", retry_failed)
-    app.router.add_get("/api/users", find_users)
-    app.router.add_get("/api/users/{user_id}", get_user)
-    app.router.add_get("/api/events", list_events)
-    app.router.add_get("/api/inbound/stats", inbound_stats)
-    app.router.add_get("/api/catalog", catalog)
-    app.router.add_get("/api/webhook-url", get_webhook_url)
-    app.router.add_post("/api/webhook-url/rotate", rotate_webhook_url)
+def setup_api(app: web.Application, runtime: Runtime, auth: Auth) -> None:
+    api = AdminAPI(runtime)
+    app.router.add_get("/api/settings", auth.admin(api.get_settings))
+    app.router.add_patch("/api/settings", auth.admin(api.patch_settings))
+    app.router.add_post("/api/sync", auth.admin(api.start_sync))
+    app.router.add_get("/api/quarantine", auth.admin(api.get_quarantine))
+    app.router.add_post("/api/retry-failed", auth.admin(api.retry_failed))
+    app.router.add_get("/api/users", auth.admin(api.find_users))
+    app.router.add_get("/api/users/{user_id}", auth.admin(api.get_user))
+    app.router.add_get("/api/events", auth.admin(api.list_events))
+    app.router.add_get("/api/inbound/stats", auth.admin(api.inbound_stats))
+    app.router.add_get("/api/catalog", auth.admin(api.catalog))
+    app.router.add_get("/api/webhook-url", auth.admin(api.get_webhook_url))
+    app.router.add_post("/api/webhook-url/rotate", auth.admin(api.rotate_webhook_url))

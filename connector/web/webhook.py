@@ -15,7 +15,7 @@ from aiohttp import web
 
 from connector.inbound.signing import WebhookVerificationError, WebhookVerifier
 from connector.rules import safe_json
-from connector.web.keys import inbound_processor_key, inbox_key, metrics_key, webhook_gate_key
+from connector.runtime import Runtime
 from connector.web.responses import json_error, json_response
 
 # Customer.io's reporting webhooks are a few KB; anything near this is not one of them.
@@ -49,58 +49,57 @@ def delivery_key(payload: dict[str, Any], body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
-async def receive(request: web.Request) -> web.Response:
-    metrics = request.app[metrics_key]
-    gate = await request.app[webhook_gate_key].current()
-    if not gate.token_matches(request.query.get("conf", "")):
-        metrics.webhooks.labels("unauthorized", "").inc()
-        return json_error(401, "unknown webhook token")
-    body = await _read_body(request)
-    if body is None:
-        metrics.webhooks.labels("too_large", "").inc()
-        return json_error(413, f"webhook bodies are limited to {MAX_WEBHOOK_BYTES} bytes")
-    if gate.signing_key:
-        verifier = WebhookVerifier(gate.signing_key, gate.tolerance_seconds)
+class WebhookReceiver:
+    def __init__(self, runtime: Runtime):
+        self._gate = runtime.gate
+        self._inbox = runtime.inbox
+        self._processor = runtime.processor
+        self._metrics = runtime.metrics
+
+    async def receive(self, request: web.Request) -> web.Response:
+        gate = await self._gate.current()
+        if not gate.token_matches(request.query.get("conf", "")):
+            self._metrics.webhooks.labels("unauthorized", "").inc()
+            return json_error(401, "unknown webhook token")
+        body = await _read_body(request)
+        if body is None:
+            self._metrics.webhooks.labels("too_large", "").inc()
+            return json_error(413, f"webhook bodies are limited to {MAX_WEBHOOK_BYTES} bytes")
+        if gate.signing_key:
+            verifier = WebhookVerifier(gate.signing_key, gate.tolerance_seconds)
+            try:
+                verifier.verify(
+                    body,
+                    request.headers.get("X-CIO-Signature"),
+                    request.headers.get("X-CIO-Timestamp"),
+                )
+            except WebhookVerificationError as exc:
+                self._metrics.webhooks.labels("bad_signature", "").inc()
+                return json_error(401, f"signature check failed: {exc}")
         try:
-            verifier.verify(
-                body,
-                request.headers.get("X-CIO-Signature"),
-                request.headers.get("X-CIO-Timestamp"),
-            )
-        except WebhookVerificationError as exc:
-            metrics.webhooks.labels("bad_signature", "").inc()
-            return json_error(401, f"signature check failed: {exc}")
-    try:
-        # Text holding NUL or lone surrogates is not refused (Customer.io backlogs after any
-        # non-2xx): the raw body is stored as it came, and the processor maps a cleaned copy.
-        payload = safe_json.loads(body)
-    except safe_json.UnsafeJSON as exc:
-        metrics.webhooks.labels("malformed", "").inc()
-        return json_error(400, str(exc))
-    if not isinstance(payload, dict):
-        metrics.webhooks.labels("malformed", "").inc()
-        return json_error(400, "a webhook body must be a JSON object")
-    headers = {
-        name: safe_json.clean_text(request.headers[name])
-        for name in KEPT_HEADERS
-        if name in request.headers
-    }
-    # loads() succeeded, so the body is valid UTF-8; escapes keep NUL out of its raw text.
-    stored = await request.app[inbox_key].store(delivery_key(payload, body), body.decode(), headers)
-    if not stored:
-        metrics.webhooks.labels("duplicate", "").inc()
-        return json_response({"ok": True, "duplicate": True})
-    metrics.webhooks.labels("stored", "").inc()
-    request.app[inbound_processor_key].wake()
-    return json_response({"ok": True})
+            # Text holding NUL or lone surrogates is not refused (Customer.io backlogs after any
+            # non-2xx): the raw body is stored as it came, and the processor maps a cleaned copy.
+            payload = safe_json.loads(body)
+        except safe_json.UnsafeJSON as exc:
+            self._metrics.webhooks.labels("malformed", "").inc()
+            return json_error(400, str(exc))
+        if not isinstance(payload, dict):
+            self._metrics.webhooks.labels("malformed", "").inc()
+            return json_error(400, "a webhook body must be a JSON object")
+        headers = {
+            name: safe_json.clean_text(request.headers[name])
+            for name in KEPT_HEADERS
+            if name in request.headers
+        }
+        # loads() succeeded, so the body is valid UTF-8; escapes keep NUL out of its raw text.
+        stored = await self._inbox.store(delivery_key(payload, body), body.decode(), headers)
+        if not stored:
+            self._metrics.webhooks.labels("duplicate", "").inc()
+            return json_response({"ok": True, "duplicate": True})
+        self._metrics.webhooks.labels("stored", "").inc()
+        self._processor.wake()
+        return json_response({"ok": True})
 
 
-async def _processor_gives_way(app: web.Application) -> None:
-    # on_startup handlers run after the cleanup contexts that create the inbox and processor.
-    inbox = app[inbox_key]
-    app[inbound_processor_key].give_way_to(lambda: inbox.busy)
-
-
-def setup_routes(app: web.Application) -> None:
-    app.router.add_post("/webhook", receive)
-    app.on_startup.append(_processor_gives_way)
+def setup_webhook(app: web.Application, runtime: Runtime) -> None:
+    app.router.add_post("/webhook", WebhookReceiver(runtime).receive)

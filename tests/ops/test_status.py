@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from connector.web.keys import credential_checker_key
+from connector.web.keys import runtime_key
 
 from ..helpers import message
 from ..outbound.test_service import configure, notify, sync
@@ -50,7 +50,7 @@ async def test_status_warns_about_429s_even_when_they_were_absorbed(start_app, f
 
 async def test_status_credential_check_answered_5xx_is_an_error(start_app, fake_cio):
     client = await start_app()
-    checker = client.app[credential_checker_key]
+    checker = client.app[runtime_key].credential_checker
     fake_cio.fail_next(500, path="/api/v1/accounts/region")
 
     await checker.check_stored()

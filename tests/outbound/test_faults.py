@@ -12,7 +12,7 @@ import asyncio
 from sqlalchemy import func, select
 
 from connector.db.models import User
-from connector.web.keys import sessionmaker_key
+from connector.web.keys import runtime_key
 
 from ..helpers import event, message
 from .test_service import configure, get_user, notify, sync
@@ -103,7 +103,7 @@ async def test_outbound_timed_out_call_that_was_applied_is_resent_once(
 
 
 async def _statuses(client) -> dict[str, int]:
-    async with client.app[sessionmaker_key]() as session:
+    async with client.app[runtime_key].sessionmaker() as session:
         rows = await session.execute(
             select(User.sync_status, func.count()).group_by(User.sync_status)
         )
@@ -111,7 +111,7 @@ async def _statuses(client) -> dict[str, int]:
 
 
 async def _pending(client) -> int:
-    async with client.app[sessionmaker_key]() as session:
+    async with client.app[runtime_key].sessionmaker() as session:
         return await session.scalar(select(func.count()).where(User.pending.is_(True)))
 
 

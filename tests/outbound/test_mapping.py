@@ -5,8 +5,9 @@ from typing import Any
 import pytest
 from ulid import ULID
 
+from connector.notifications.parse import PlatformEvent
 from connector.outbound import mapping
-from connector.outbound.operations import EventSnapshot, UserSnapshot
+from connector.outbound.operations import UserSnapshot
 from connector.settings.model import ConnectorSettings
 
 HULL_TIME = 1522420682  # 2018-03-30T14:38:02Z
@@ -28,8 +29,8 @@ def make_user(**overrides: Any) -> UserSnapshot:
 
 def make_event(
     properties: dict[str, Any] | None = None, context: dict[str, Any] | None = None
-) -> EventSnapshot:
-    return EventSnapshot(
+) -> PlatformEvent:
+    return PlatformEvent(
         event_id="ev-1",
         name="page",
         properties=properties or {},

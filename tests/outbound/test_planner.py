@@ -5,10 +5,10 @@ from typing import Any
 
 import pytest
 
+from connector.notifications.parse import PlatformEvent
 from connector.outbound import mapping
 from connector.outbound.operations import (
     DeleteCustomer,
-    EventSnapshot,
     Identify,
     PlanAction,
     Track,
@@ -29,8 +29,8 @@ def make_event(
     properties: dict[str, Any] | None = None,
     context: dict[str, Any] | None = None,
     occurred_at: datetime | None = CREATED,
-) -> EventSnapshot:
-    return EventSnapshot(
+) -> PlatformEvent:
+    return PlatformEvent(
         event_id=event_id,
         name=name,
         properties={"plan": "pro"} if properties is None else properties,

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 
 from connector.db.models import User
 from connector.rules.delivery import THROTTLE_RESENDS
-from connector.web.keys import sessionmaker_key
+from connector.web.keys import runtime_key
 
 from ..conftest import ADMIN, INGEST
 from ..helpers import event, message, notification
@@ -467,7 +467,7 @@ async def test_outbound_api_sync_starts_a_pass_when_the_schedule_is_off(start_ap
 async def _poison(client, user_id: str, **columns: Any) -> None:
     """Overwrite a stored user's columns behind the service's back, as data stored before the
     notification checks existed would be."""
-    async with client.app[sessionmaker_key]() as session, session.begin():
+    async with client.app[runtime_key].sessionmaker() as session, session.begin():
         await session.execute(update(User).where(User.id == user_id).values(**columns))
 
 

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from multidict import MultiDict
 
-from connector.web.admin.security import SESSION_COOKIE, LoginThrottle
 from connector.web.admin.views import form_patch
-from connector.web.keys import credential_checker_key, scheduler_key
+from connector.web.keys import runtime_key
+from connector.web.security import SESSION_COOKIE, LoginThrottle
 
 from ..conftest import ADMIN, ADMIN_PASSWORD, INGEST
 from ..helpers import message, notification
@@ -501,7 +501,7 @@ async def test_admin_connection_test_needs_credentials(start_app):
 
 async def test_credential_check_records_the_stored_credentials_verdict(start_app, fake_cio):
     client = await start_app(connector={"api_key": "revoked-key"})
-    checker = client.app[credential_checker_key]
+    checker = client.app[runtime_key].credential_checker
     result = await checker.check_stored()
     assert result is not None and result.unauthorized
     status = await (await client.get("/status")).json()
@@ -515,13 +515,13 @@ async def test_credential_check_records_the_stored_credentials_verdict(start_app
 
 async def test_credential_check_skipped_without_credentials(start_app, fake_cio):
     client = await start_app(connector={"site_id": "", "api_key": ""})
-    assert await client.app[credential_checker_key].check_stored() is None
+    assert await client.app[runtime_key].credential_checker.check_stored() is None
     assert not fake_cio.requests
 
 
 async def test_credential_check_runs_every_30_minutes(start_app):
     client = await start_app()
-    job = client.app[scheduler_key]._scheduler.get_job("credential-check")
+    job = client.app[runtime_key].scheduler._scheduler.get_job("credential-check")
     assert job is not None
     assert job.trigger.interval.total_seconds() == 30 * 60
 

@@ -13,8 +13,8 @@ from sqlalchemy import select
 from connector.db.kv import put_value
 from connector.db.models import KeyValue
 from connector.db.types import utcnow
-from connector.web.admin.security import SESSION_COOKIE
-from connector.web.keys import sessionmaker_key
+from connector.web.keys import runtime_key
+from connector.web.security import SESSION_COOKIE
 
 from ..conftest import ADMIN, ADMIN_PASSWORD, basic_auth
 from .test_admin import csrf_in, log_in, logged_in, page_html, read_form, stored_settings
@@ -211,14 +211,14 @@ async def test_admin_session_stays_valid_on_another_instance_until_logout(start_
 
 
 async def revocations(client) -> list[str]:
-    async with client.app[sessionmaker_key]() as db:
+    async with client.app[runtime_key].sessionmaker() as db:
         keys = await db.scalars(select(KeyValue.key).where(KeyValue.key.like("revoked-session:%")))
         return list(keys)
 
 
 async def test_admin_expired_revocations_are_purged_at_logout(start_app):
     client = await logged_in(start_app)
-    async with client.app[sessionmaker_key]() as db, db.begin():
+    async with client.app[runtime_key].sessionmaker() as db, db.begin():
         await put_value(db, "revoked-session:long-gone", {})
         row = await db.get(KeyValue, "revoked-session:long-gone")
         row.updated_at = utcnow() - timedelta(hours=13)

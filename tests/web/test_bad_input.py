@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from connector.db.models import ForwardMessage, TrackedEvent, User, WebhookDelivery
 from connector.db.types import utcnow
 from connector.notifications.store import MAX_MESSAGES_PER_TRANSACTION
-from connector.web.keys import sessionmaker_key
+from connector.web.keys import runtime_key
 
 from ..conftest import ADMIN, INGEST
 from ..fake_segment import WRITE_KEY as FORWARD_WRITE_KEY
@@ -52,13 +52,13 @@ async def post_raw(
 
 
 async def run_sql(client, *statements: str) -> None:
-    async with client.app[sessionmaker_key]() as session, session.begin():
+    async with client.app[runtime_key].sessionmaker() as session, session.begin():
         for statement in statements:
             await session.execute(text(statement))
 
 
 def dialect(client) -> str:
-    return client.app[sessionmaker_key].kw["bind"].dialect.name
+    return client.app[runtime_key].sessionmaker.kw["bind"].dialect.name
 
 
 async def refuse_inserts(client, table: str, condition: str) -> None:
@@ -106,7 +106,7 @@ async def refusing(start_app):
 
 async def store_legacy_nan_delivery(client) -> None:
     """A delivery ``legacy-nan`` whose body holds NaN, as an earlier version stored it."""
-    async with client.app[sessionmaker_key]() as session, session.begin():
+    async with client.app[runtime_key].sessionmaker() as session, session.begin():
         session.add(
             WebhookDelivery(
                 event_id="legacy-nan",
@@ -120,13 +120,13 @@ async def store_legacy_nan_delivery(client) -> None:
 
 
 async def deliveries(client) -> dict[str, WebhookDelivery]:
-    async with client.app[sessionmaker_key]() as session:
+    async with client.app[runtime_key].sessionmaker() as session:
         rows = await session.scalars(select(WebhookDelivery))
         return {row.event_id: row for row in rows}
 
 
 async def tracked(client) -> list[TrackedEvent]:
-    async with client.app[sessionmaker_key]() as session:
+    async with client.app[runtime_key].sessionmaker() as session:
         return list(await session.scalars(select(TrackedEvent).order_by(TrackedEvent.id)))
 
 
@@ -286,7 +286,7 @@ async def test_notifications_refuse_what_is_not_json(start_app, route, body, rea
     resp = await post_raw(client, route, body, INGEST)
     assert resp.status == 400
     assert reason in (await resp.json())["error"]
-    async with client.app[sessionmaker_key]() as session:
+    async with client.app[runtime_key].sessionmaker() as session:
         assert await session.scalar(select(func.count()).select_from(User)) == 0
 
 
@@ -388,7 +388,7 @@ async def test_large_notification_lets_webhooks_commit_between_its_transactions(
     store = asyncio.create_task(post_raw(client, "/batch", body, INGEST))
 
     async def stored_users() -> int:
-        async with client.app[sessionmaker_key]() as session:
+        async with client.app[runtime_key].sessionmaker() as session:
             query = select(func.count()).where(User.id.like("u%"))
             return await session.scalar(query) or 0
 
@@ -514,7 +514,7 @@ async def test_forwarding_quarantines_a_message_it_cannot_encode(start_app, fake
             break
         await asyncio.sleep(0.05)
     assert [m["messageId"] for m in fake_segment.messages()] == ["after"]
-    async with client.app[sessionmaker_key]() as session:
+    async with client.app[runtime_key].sessionmaker() as session:
         rows = {row.status: row for row in await session.scalars(select(ForwardMessage))}
     if dialect(client) == "sqlite":
         assert set(rows) == {"failed", "sent"}
@@ -570,14 +570,14 @@ async def test_quarantined_user_is_retried_after_a_fix(start_app, fake_cio):
         headers=INGEST,
     )
     # Segments that are not objects, as no version stores them: planning this user raises.
-    async with client.app[sessionmaker_key]() as session, session.begin():
+    async with client.app[runtime_key].sessionmaker() as session, session.begin():
         user = await session.get(User, "u2")
         user.segments = [["seg-paying"]]
     await (await client.post("/api/sync?wait=1", headers=ADMIN)).json()
     assert set(fake_cio.customers) == {"ext-1"}
     assert any("1 user(s) failed to sync" in m for m in (await status(client))["messages"])
 
-    async with client.app[sessionmaker_key]() as session, session.begin():
+    async with client.app[runtime_key].sessionmaker() as session, session.begin():
         user = await session.get(User, "u2")
         user.segments = [{"id": "seg-paying", "name": "Paying"}]
     resp = await client.post("/api/retry-failed", headers=ADMIN)

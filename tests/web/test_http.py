@@ -22,7 +22,7 @@ from connector.notifications.parse import parse_notification
 from connector.notifications.store import store_messages
 from connector.runtime import open_runtime
 from connector.settings.model import MASK
-from connector.web.keys import secrets_key, sessionmaker_key, sync_key
+from connector.web.keys import runtime_key
 
 from ..conftest import ADMIN, ADMIN_PASSWORD, INGEST, INGEST_TOKEN, basic_auth
 from ..helpers import message, notification
@@ -157,21 +157,21 @@ async def test_ingest_auth_accepts_the_configured_token(start_app, route):
 async def test_ingest_token_is_generated_once_and_kept_across_restarts(start_app, bare_config):
     config = bare_config()
     client = await start_app(config)
-    token = client.app[secrets_key].ingest_token
+    token = client.app[runtime_key].secrets.ingest_token
     assert len(token) >= 32
     bearer = {"Authorization": f"Bearer {token}"}
     assert (await notify(client, message(), headers=bearer))[0] == 200
     assert (await notify(client, message(), headers=INGEST))[0] == 401
 
     client = await restart(start_app, client, config)
-    assert client.app[secrets_key].ingest_token == token
+    assert client.app[runtime_key].secrets.ingest_token == token
     assert (await notify(client, message("u2", external_id="ext-2"), headers=bearer))[0] == 200
     assert {u["id"] for u in await find_users(client)} == {"u1", "u2"}
 
 
 async def test_ingest_token_configured_wins_over_the_generated_one(start_app, bare_config):
     client = await start_app(bare_config())
-    generated = {"Authorization": f"Bearer {client.app[secrets_key].ingest_token}"}
+    generated = {"Authorization": f"Bearer {client.app[runtime_key].secrets.ingest_token}"}
 
     client = await restart(start_app, client, bare_config(security={"ingest_token": INGEST_TOKEN}))
     assert (await notify(client, message(), headers=generated))[0] == 401
@@ -431,7 +431,7 @@ async def test_settings_toml_seed_applies_only_while_the_database_holds_none(
 
 
 async def _finished_runs(client) -> int:
-    async with client.app[sessionmaker_key]() as session:
+    async with client.app[runtime_key].sessionmaker() as session:
         return await session.scalar(
             select(func.count()).select_from(SyncRun).where(SyncRun.finished_at.is_not(None))
         )
@@ -452,7 +452,7 @@ async def test_sync_api_without_wait_starts_a_pass_and_answers_202(
     client = await start_app(config)
 
     async def first_pass_done() -> bool:
-        return await _finished_runs(client) >= 1 and not client.app[sync_key].running
+        return await _finished_runs(client) >= 1 and not client.app[runtime_key].sync.running
 
     assert await _wait_for(first_pass_done)
     # Stored behind the service's back, so nothing but the API call triggers the next pass.

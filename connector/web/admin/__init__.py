@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,21 +9,11 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from connector.runtime import Runtime
 from connector.web.admin import views
-from connector.web.admin.security import (
-    AdminSessions,
-    LoginThrottle,
-    cross_site_refusal,
-    sessions,
-)
-from connector.web.keys import (
-    admin_sessions_key,
-    config_key,
-    login_throttle_key,
-    secrets_key,
-    sessionmaker_key,
-)
+from connector.web.auth import Auth
 from connector.web.responses import json_error
+from connector.web.security import AdminSessions, cross_site_refusal
 
 HERE = Path(__file__).parent
 STATIC_PREFIX = "/static/admin"
@@ -36,27 +25,22 @@ def when(value: datetime | str) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-async def _sessions_context(app: web.Application) -> AsyncIterator[None]:
-    # The secret key is read from the database by the runtime context, which runs first.
-    secure = app[config_key].server.public_url.startswith("https://")
-    app[admin_sessions_key] = AdminSessions(
-        app[secrets_key].secret_key, app[sessionmaker_key], secure=secure
-    )
-    yield
+def _same_origin(public_url: str):
+    @web.middleware
+    async def same_origin(request: web.Request, handler) -> web.StreamResponse:
+        """Refuse cross-site changes before anything is read, whatever the credentials: a
+        browser sends cached HTTP Basic credentials and the session cookie alike
+        (``SameSite=Lax`` still lets a top-level cross-site form post through in some
+        browsers)."""
+        reason = cross_site_refusal(request, public_url)
+        if reason is None:
+            return await handler(request)
+        if request.path.startswith("/api/"):
+            return json_error(403, reason)
+        context = {"title": "Cross-site request refused", "message": reason}
+        return aiohttp_jinja2.render_template("refused.html", request, context, status=403)
 
-
-@web.middleware
-async def same_origin(request: web.Request, handler) -> web.StreamResponse:
-    """Refuse cross-site changes before anything is read, whatever the credentials: a browser
-    sends cached HTTP Basic credentials and the session cookie alike (``SameSite=Lax`` still
-    lets a top-level cross-site form post through in some browsers)."""
-    reason = cross_site_refusal(request)
-    if reason is None:
-        return await handler(request)
-    if request.path.startswith("/api/"):
-        return json_error(403, reason)
-    context = {"title": "Cross-site request refused", "message": reason}
-    return aiohttp_jinja2.render_template("refused.html", request, context, status=403)
+    return same_origin
 
 
 @web.middleware
@@ -84,12 +68,9 @@ async def _page_headers(request: web.Request, response: web.StreamResponse) -> N
     )
 
 
-def setup_admin(app: web.Application) -> None:
-    """Routes, templates (autoescaped), the same-origin and session middlewares, and the login
-    throttle (shared with the admin API's HTTP Basic).
-
-    Call after the runtime's cleanup context is registered: the sessions need its secret key.
-    """
+def setup_admin(app: web.Application, runtime: Runtime, auth: Auth) -> None:
+    """Routes, templates (autoescaped), the same-origin and session middlewares of the page and
+    the admin API (whose HTTP Basic shares the login form's throttle, in ``auth``)."""
     env = aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -97,12 +78,14 @@ def setup_admin(app: web.Application) -> None:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["when"] = when
+    public_url = runtime.config.server.public_url
+    sessions = AdminSessions(
+        runtime.secrets, runtime.sessionmaker, secure=public_url.startswith("https://")
+    )
     app[aiohttp_jinja2.static_root_key] = STATIC_PREFIX
     app.middlewares.append(static_not_found)
-    app.middlewares.append(same_origin)
-    app.middlewares.append(sessions)
-    app[login_throttle_key] = LoginThrottle()
-    app.cleanup_ctx.append(_sessions_context)
+    app.middlewares.append(_same_origin(public_url))
+    app.middlewares.append(sessions.middleware)
     app.on_response_prepare.append(_page_headers)
     app.router.add_static(STATIC_PREFIX, HERE / "static")
-    views.setup_routes(app)
+    views.setup_routes(app, runtime, auth, sessions)

@@ -16,10 +16,12 @@ from multidict import MultiDictProxy
 from connector.inbound.gate import webhook_url
 from connector.ops import quarantine, stats
 from connector.outbound.sender import CredentialCheck
-from connector.settings.changes import save_settings
+from connector.runtime import Runtime
 from connector.settings.model import SECRET_FIELDS
-from connector.web.admin.security import (
+from connector.web.auth import Auth
+from connector.web.security import (
     CSRF_FIELD,
+    AdminSessions,
     Session,
     admin_session,
     client_address,
@@ -27,19 +29,6 @@ from connector.web.admin.security import (
     csrf_valid,
     get_session,
     log_in,
-    log_out,
-    password_ok,
-)
-from connector.web.keys import (
-    config_key,
-    credential_checker_key,
-    credentials_key,
-    login_throttle_key,
-    scheduler_key,
-    sessionmaker_key,
-    settings_key,
-    sync_key,
-    webhook_gate_key,
 )
 
 PAGE = "/admin"
@@ -118,57 +107,6 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-# Logging in
-
-
-async def login_form(request: web.Request) -> web.StreamResponse:
-    if admin_session(request) is not None:
-        raise _see_other(PAGE)
-    return await _render_login(request)
-
-
-async def _render_login(
-    request: web.Request, error: str | None = None, status: int = 200
-) -> web.Response:
-    session = get_session(request)
-    context = {"title": "Log in", "csrf_token": csrf_token(session), "error": error}
-    return aiohttp_jinja2.render_template("login.html", request, context, status=status)
-
-
-async def login(request: web.Request) -> web.StreamResponse:
-    throttle = request.app[login_throttle_key]
-    client = client_address(request)
-    try:
-        form = await read_form(request)
-    except UnreadableForm as exc:
-        return await _render_login(request, _unreadable_message(exc), status=400)
-    session = get_session(request)
-    if not csrf_valid(session, _text(form.get(CSRF_FIELD))):
-        return _forbidden(request)
-    wait = throttle.retry_after(client)
-    if wait:
-        response = await _render_login(
-            request, f"Too many failed attempts. Try again in {wait} seconds.", status=429
-        )
-        response.headers["Retry-After"] = str(wait)
-        return response
-    if not password_ok(request, _text(form.get("password")) or ""):
-        throttle.failed(client)
-        return await _render_login(request, "Wrong password.", status=401)
-    throttle.succeeded(client)
-    log_in(request)
-    raise _see_other(PAGE)
-
-
-@login_required
-async def logout(request: web.Request) -> web.StreamResponse:
-    await log_out(request)
-    raise _see_other(LOGIN)
-
-
-# The page
-
-
 @dataclass(frozen=True)
 class Choice:
     value: str
@@ -197,63 +135,6 @@ def _messages(found: Any) -> list[str]:
     if isinstance(found, list):
         return [m for value in found for m in _messages(value)]
     return [str(found)]
-
-
-async def _page_context(
-    request: web.Request,
-    session: Session,
-    *,
-    entered: dict[str, Any] | None = None,
-    errors: dict[str, Any] | None = None,
-    test: CredentialCheck | None = None,
-) -> dict[str, Any]:
-    app = request.app
-    settings = await app[settings_key].load()
-    values = settings.to_dict()
-    values.update({key: value for key, value in (entered or {}).items() if key in values})
-    for key in SECRET_FIELDS:
-        values[key] = ""
-    async with app[sessionmaker_key]() as db:
-        catalog = await stats.catalog(db)
-        inbound = await stats.inbound_stats(db)
-        outbound = await stats.outbound_stats(db)
-        held = await quarantine.quarantined(db)
-    gate = await app[webhook_gate_key].current()
-    status = await stats.service_status(
-        app[sessionmaker_key], app[settings_key], app[credentials_key]
-    )
-    metrics = values["incoming_metrics"]
-    return {
-        "title": "Customer.io connector",
-        "csrf_token": csrf_token(session),
-        "values": values,
-        "secrets_set": {key: bool(getattr(settings, key)) for key in SECRET_FIELDS},
-        "errors": {key: _messages(value) for key, value in (errors or {}).items()},
-        "segments": _choices(
-            ((s["id"], s["name"]) for s in catalog["segments"]), values["synchronized_segments"]
-        ),
-        "attributes": _choices(
-            ((a, a) for a in catalog["attributes"]), values["synchronized_attributes"]
-        ),
-        "events": _choices(((e, e) for e in catalog["events"]), values["events_filter"]),
-        "all_metrics": metrics is None,
-        "metrics_text": "\n".join(metrics or []),
-        "webhook_url": webhook_url(app[config_key].server.public_url, gate.token),
-        "inbound": inbound,
-        "outbound": outbound,
-        "quarantine": held,
-        "status": status,
-        "credentials": await app[credentials_key].get(),
-        "test": test,
-        "flash": session.pop("flash", None),
-    }
-
-
-@login_required
-async def page(request: web.Request) -> web.Response:
-    session = get_session(request)
-    context = await _page_context(request, session)
-    return aiohttp_jinja2.render_template("page.html", request, context)
 
 
 def _split(text: str) -> list[str]:
@@ -291,87 +172,191 @@ def form_patch(form: MultiDictProxy) -> dict[str, Any]:
     return patch
 
 
-@login_required
-async def save(request: web.Request) -> web.StreamResponse:
-    patch = form_patch(await read_form(request))
-    try:
-        await save_settings(request.app, patch)
-    except ValidationError as exc:
-        session = get_session(request)
-        context = await _page_context(request, session, entered=patch, errors=exc.messages)
-        return aiohttp_jinja2.render_template("page.html", request, context, status=400)
-    _flash(request, "Settings saved.")
-    raise _see_other(PAGE)
-
-
-@login_required
-async def test_connection(request: web.Request) -> web.StreamResponse:
-    """Check the credentials on the form; an empty API key field means the stored key."""
-    patch = form_patch(await read_form(request))
-    stored = await request.app[settings_key].load()
-    site_id = patch.get("site_id", stored.site_id)
-    api_key = patch.get("api_key") or stored.api_key
-    region = patch.get("region", stored.region)
-    errors: dict[str, list[str]] = {}
-    if not site_id:
-        errors["site_id"] = ["Enter the Site ID to test."]
-    if not api_key:
-        errors["api_key"] = ["Enter the API key to test."]
-    if region not in ("us", "eu"):
-        errors["region"] = ["Must be one of: us, eu."]
-    result = None
-    if not errors:
-        checker = request.app[credential_checker_key]
-        result = await checker.check(site_id, api_key, region)
-        if (site_id, api_key, region) == (stored.site_id, stored.api_key, stored.region):
-            await checker.record(result)
-    session = get_session(request)
-    context = await _page_context(request, session, entered=patch, errors=errors, test=result)
-    return aiohttp_jinja2.render_template("page.html", request, context)
-
-
-@login_required
-async def rotate_webhook_url(request: web.Request) -> web.StreamResponse:
-    await request.app[webhook_gate_key].rotate()
-    _flash(request, "New webhook URL: paste it into Customer.io; the old one is refused.")
-    raise _see_other(f"{PAGE}#incoming")
-
-
-@login_required
-async def sync_now(request: web.Request) -> web.StreamResponse:
-    """Start a pass: on the schedule's worker when sync runs in the service, else right here."""
-    if request.app[config_key].sync.scheduled:
-        request.app[scheduler_key].trigger_sync()
-        _flash(request, "Sync started.")
-    else:
-        summary = await request.app[sync_key].run_once("admin")
-        _flash(request, f"Sync finished: {summary.sent} sent, {summary.failed} failed.")
-    raise _see_other(f"{PAGE}#status")
-
-
-@login_required
-async def retry_failed(request: web.Request) -> web.StreamResponse:
-    """What the pipelines set aside becomes pending again (after a fix)."""
-    retried = await request.app[scheduler_key].retry_failed()
-    _flash(
-        request,
-        f"Retrying {retried['users']} user(s), {retried['webhooks']} webhook(s) and "
-        f"{retried['forwarding']} forwarded event(s).",
-    )
-    raise _see_other(f"{PAGE}#status")
-
-
 def _flash(request: web.Request, text: str) -> None:
     (get_session(request))["flash"] = text
 
 
-def setup_routes(app: web.Application) -> None:
-    app.router.add_get(PAGE, page)
-    app.router.add_get(LOGIN, login_form)
-    app.router.add_post(LOGIN, login)
-    app.router.add_post("/admin/logout", logout)
-    app.router.add_post("/admin/settings", save)
-    app.router.add_post("/admin/test-connection", test_connection)
-    app.router.add_post("/admin/webhook-url/rotate", rotate_webhook_url)
-    app.router.add_post("/admin/sync", sync_now)
-    app.router.add_post("/admin/retry-failed", retry_failed)
+class SettingsPage:
+    """The page's handlers, with what they work on."""
+
+    def __init__(self, runtime: Runtime, auth: Auth, sessions: AdminSessions):
+        self._auth = auth
+        self._sessions = sessions
+        self._settings = runtime.settings
+        self._changes = runtime.settings_changes
+        self._credentials = runtime.credentials
+        self._checker = runtime.credential_checker
+        self._sessionmaker = runtime.sessionmaker
+        self._gate = runtime.gate
+        self._scheduler = runtime.scheduler
+        self._scheduled = runtime.config.sync.scheduled
+        self._public_url = runtime.config.server.public_url
+
+    async def login_form(self, request: web.Request) -> web.StreamResponse:
+        if admin_session(request) is not None:
+            raise _see_other(PAGE)
+        return await self._render_login(request)
+
+    async def _render_login(
+        self, request: web.Request, error: str | None = None, status: int = 200
+    ) -> web.Response:
+        session = get_session(request)
+        context = {"title": "Log in", "csrf_token": csrf_token(session), "error": error}
+        return aiohttp_jinja2.render_template("login.html", request, context, status=status)
+
+    async def login(self, request: web.Request) -> web.StreamResponse:
+        throttle = self._auth.throttle
+        client = client_address(request)
+        try:
+            form = await read_form(request)
+        except UnreadableForm as exc:
+            return await self._render_login(request, _unreadable_message(exc), status=400)
+        session = get_session(request)
+        if not csrf_valid(session, _text(form.get(CSRF_FIELD))):
+            return _forbidden(request)
+        wait = throttle.retry_after(client)
+        if wait:
+            response = await self._render_login(
+                request, f"Too many failed attempts. Try again in {wait} seconds.", status=429
+            )
+            response.headers["Retry-After"] = str(wait)
+            return response
+        if not self._auth.password_ok(_text(form.get("password")) or ""):
+            throttle.failed(client)
+            return await self._render_login(request, "Wrong password.", status=401)
+        throttle.succeeded(client)
+        log_in(request)
+        raise _see_other(PAGE)
+
+    async def logout(self, request: web.Request) -> web.StreamResponse:
+        await self._sessions.log_out(request)
+        raise _see_other(LOGIN)
+
+    async def _page_context(
+        self,
+        request: web.Request,
+        session: Session,
+        *,
+        entered: dict[str, Any] | None = None,
+        errors: dict[str, Any] | None = None,
+        test: CredentialCheck | None = None,
+    ) -> dict[str, Any]:
+        settings = await self._settings.load()
+        values = settings.to_dict()
+        values.update({key: value for key, value in (entered or {}).items() if key in values})
+        for key in SECRET_FIELDS:
+            values[key] = ""
+        async with self._sessionmaker() as db:
+            catalog = await stats.catalog(db)
+            inbound = await stats.inbound_stats(db)
+            outbound = await stats.outbound_stats(db)
+            held = await quarantine.quarantined(db)
+        gate = await self._gate.current()
+        status = await stats.service_status(self._sessionmaker, self._settings, self._credentials)
+        metrics = values["incoming_metrics"]
+        return {
+            "title": "Customer.io connector",
+            "csrf_token": csrf_token(session),
+            "values": values,
+            "secrets_set": {key: bool(getattr(settings, key)) for key in SECRET_FIELDS},
+            "errors": {key: _messages(value) for key, value in (errors or {}).items()},
+            "segments": _choices(
+                ((s["id"], s["name"]) for s in catalog["segments"]), values["synchronized_segments"]
+            ),
+            "attributes": _choices(
+                ((a, a) for a in catalog["attributes"]), values["synchronized_attributes"]
+            ),
+            "events": _choices(((e, e) for e in catalog["events"]), values["events_filter"]),
+            "all_metrics": metrics is None,
+            "metrics_text": "\n".join(metrics or []),
+            "webhook_url": webhook_url(self._public_url, gate.token),
+            "inbound": inbound,
+            "outbound": outbound,
+            "quarantine": held,
+            "status": status,
+            "credentials": await self._credentials.get(),
+            "test": test,
+            "flash": session.pop("flash", None),
+        }
+
+    async def page(self, request: web.Request) -> web.Response:
+        session = get_session(request)
+        context = await self._page_context(request, session)
+        return aiohttp_jinja2.render_template("page.html", request, context)
+
+    async def save(self, request: web.Request) -> web.StreamResponse:
+        patch = form_patch(await read_form(request))
+        try:
+            await self._changes.save(patch)
+        except ValidationError as exc:
+            session = get_session(request)
+            context = await self._page_context(request, session, entered=patch, errors=exc.messages)
+            return aiohttp_jinja2.render_template("page.html", request, context, status=400)
+        _flash(request, "Settings saved.")
+        raise _see_other(PAGE)
+
+    async def test_connection(self, request: web.Request) -> web.StreamResponse:
+        """Check the credentials on the form; an empty API key field means the stored key."""
+        patch = form_patch(await read_form(request))
+        stored = await self._settings.load()
+        site_id = patch.get("site_id", stored.site_id)
+        api_key = patch.get("api_key") or stored.api_key
+        region = patch.get("region", stored.region)
+        errors: dict[str, list[str]] = {}
+        if not site_id:
+            errors["site_id"] = ["Enter the Site ID to test."]
+        if not api_key:
+            errors["api_key"] = ["Enter the API key to test."]
+        if region not in ("us", "eu"):
+            errors["region"] = ["Must be one of: us, eu."]
+        result = None
+        if not errors:
+            checker = self._checker
+            result = await checker.check(site_id, api_key, region)
+            if (site_id, api_key, region) == (stored.site_id, stored.api_key, stored.region):
+                await checker.record(result)
+        session = get_session(request)
+        context = await self._page_context(
+            request, session, entered=patch, errors=errors, test=result
+        )
+        return aiohttp_jinja2.render_template("page.html", request, context)
+
+    async def rotate_webhook_url(self, request: web.Request) -> web.StreamResponse:
+        await self._gate.rotate()
+        _flash(request, "New webhook URL: paste it into Customer.io; the old one is refused.")
+        raise _see_other(f"{PAGE}#incoming")
+
+    async def sync_now(self, request: web.Request) -> web.StreamResponse:
+        """ "Sync now": on the schedule's job when the sync runs in the service (the page shows
+        its outcome later), else right here, with its counts."""
+        summary = await self._scheduler.request_pass("page", wait=not self._scheduled)
+        if summary is None:
+            _flash(request, "Sync started.")
+        else:
+            _flash(request, f"Sync finished: {summary.sent} sent, {summary.failed} failed.")
+        raise _see_other(f"{PAGE}#status")
+
+    async def retry_failed(self, request: web.Request) -> web.StreamResponse:
+        """What the pipelines set aside becomes pending again (after a fix)."""
+        retried = await self._scheduler.retry_failed()
+        _flash(
+            request,
+            f"Retrying {retried['users']} user(s), {retried['webhooks']} webhook(s) and "
+            f"{retried['forwarding']} forwarded event(s).",
+        )
+        raise _see_other(f"{PAGE}#status")
+
+
+def setup_routes(
+    app: web.Application, runtime: Runtime, auth: Auth, sessions: AdminSessions
+) -> None:
+    page = SettingsPage(runtime, auth, sessions)
+    app.router.add_get(PAGE, login_required(page.page))
+    app.router.add_get(LOGIN, page.login_form)
+    app.router.add_post(LOGIN, page.login)
+    app.router.add_post("/admin/logout", login_required(page.logout))
+    app.router.add_post("/admin/settings", login_required(page.save))
+    app.router.add_post("/admin/test-connection", login_required(page.test_connection))
+    app.router.add_post("/admin/webhook-url/rotate", login_required(page.rotate_webhook_url))
+    app.router.add_post("/admin/sync", login_required(page.sync_now))
+    app.router.add_post("/admin/retry-failed", login_required(page.retry_failed))

@@ -1,5 +1,5 @@
-"""Who is logged in to the settings page: the session cookie, CSRF tokens, the same-origin
-check, login throttling.
+"""Who is logged in to the settings page (and through it to the admin API): the session
+cookie, CSRF tokens, the same-origin check, login throttling.
 
 The session is a small JSON document in a cookie signed with ``security.secret_key``
 (itsdangerous' timestamped HMAC signature), so every instance sharing the secret key accepts
@@ -29,7 +29,7 @@ from yarl import URL
 
 from connector.db.kv import delete_stale, get_value, put_value
 from connector.db.types import utcnow
-from connector.web.keys import admin_sessions_key, config_key
+from connector.settings.secrets import ServiceSecrets
 
 SESSION_COOKIE = "connector_session"
 # A working day: an operator setting the connector up is not logged out half-way.
@@ -85,17 +85,25 @@ class AdminSessions:
     """Reads and writes the session cookie, signed under the secret key, and revokes sessions
     in the database at logout."""
 
-    def __init__(self, secret_key: str, sessionmaker: async_sessionmaker, *, secure: bool):
-        self._serializer = URLSafeTimedSerializer(secret_key, salt=_SALT)
+    def __init__(self, secrets: ServiceSecrets, sessionmaker: async_sessionmaker, *, secure: bool):
+        self._secrets = secrets
+        self._serializer: URLSafeTimedSerializer | None = None
         self._sessionmaker = sessionmaker
         self._secure = secure
+
+    @property
+    def serializer(self) -> URLSafeTimedSerializer:
+        # The secret key is read from the database at start-up, after the routes are made.
+        if self._serializer is None:
+            self._serializer = URLSafeTimedSerializer(self._secrets.secret_key, salt=_SALT)
+        return self._serializer
 
     async def load(self, request: web.Request) -> Session:
         cookie = request.cookies.get(SESSION_COOKIE)
         if not cookie:
             return Session()
         try:
-            data = self._serializer.loads(cookie, max_age=SESSION_MAX_AGE_SECONDS)
+            data = self.serializer.loads(cookie, max_age=SESSION_MAX_AGE_SECONDS)
         except BadSignature:
             return Session()
         if not isinstance(data, dict):
@@ -132,7 +140,7 @@ class AdminSessions:
             return
         response.set_cookie(
             SESSION_COOKIE,
-            self._serializer.dumps(dict(session)),
+            self.serializer.dumps(dict(session)),
             path="/",
             max_age=SESSION_MAX_AGE_SECONDS,
             httponly=True,
@@ -140,36 +148,37 @@ class AdminSessions:
             secure=self._secure,
         )
 
+    async def log_out(self, request: web.Request) -> None:
+        """End the session: its cookie, and every copy of it, is refused from now on."""
+        session = get_session(request)
+        await self.revoke(session)
+        session.invalidate()
 
-@web.middleware
-async def sessions(request: web.Request, handler) -> web.StreamResponse:
-    """Loads the session for the page and the admin API; sends it back when it changed."""
-    if not request.path.startswith(SESSION_PATHS):
-        return await handler(request)
-    store = request.app[admin_sessions_key]
-    session = request[_session_key] = await store.load(request)
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        # Redirects are raised; they carry the cookie as well.
+    @web.middleware
+    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        """Loads the session for the page and the admin API; sends it back when it changed."""
+        if not request.path.startswith(SESSION_PATHS):
+            return await handler(request)
+        session = request[_session_key] = await self.load(request)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            # Redirects are raised; they carry the cookie as well.
+            if session.changed:
+                self.save(exc, session)
+            raise
         if session.changed:
-            store.save(exc, session)
-        raise
-    if session.changed:
-        store.save(response, session)
-    return response
+            self.save(response, session)
+        return response
 
 
 def get_session(request: web.Request) -> Session:
     return request[_session_key]
 
 
-def _same(given: str, expected: str) -> bool:
+def same_secret(given: str, expected: str) -> bool:
+    """Compared in constant time."""
     return hmac.compare_digest(given.encode(), expected.encode())
-
-
-def password_ok(request: web.Request, password: str) -> bool:
-    return _same(password, request.app[config_key].security.admin_password)
 
 
 def admin_session(request: web.Request) -> Session | None:
@@ -191,7 +200,7 @@ def csrf_valid(session: Session, given: str | None) -> bool:
     expected = session.get(_CSRF)
     if not isinstance(expected, str) or not given:
         return False
-    return _same(given, expected)
+    return same_secret(given, expected)
 
 
 def log_in(request: web.Request) -> Session:
@@ -206,14 +215,7 @@ def log_in(request: web.Request) -> Session:
     return session
 
 
-async def log_out(request: web.Request) -> None:
-    """End the session: its cookie, and every copy of it, is refused from now on."""
-    session = get_session(request)
-    await request.app[admin_sessions_key].revoke(session)
-    session.invalidate()
-
-
-def _origin_allowed(request: web.Request, origin: str) -> bool:
+def _origin_allowed(request: web.Request, origin: str, public_url: str) -> bool:
     """``origin`` is the service's own: the public URL's, or the one the request was sent to
     (its ``Host``, whatever the scheme, since a proxy in front may terminate TLS)."""
     try:
@@ -222,7 +224,7 @@ def _origin_allowed(request: web.Request, origin: str) -> bool:
         return False
     if given.scheme not in ("http", "https") or not given.host:
         return False
-    public = URL(request.app[config_key].server.public_url)
+    public = URL(public_url)
     if (given.scheme, given.host, given.port) == (public.scheme, public.host, public.port):
         return True
     try:
@@ -232,7 +234,7 @@ def _origin_allowed(request: web.Request, origin: str) -> bool:
     return (served.host, served.port) == (given.host, given.port)
 
 
-def cross_site_refusal(request: web.Request) -> str | None:
+def cross_site_refusal(request: web.Request, public_url: str) -> str | None:
     """Why a state-changing request to the page or the admin API is refused, if it is: an
     ``Origin`` header (browsers send one with every cross-site request that is not GET or HEAD)
     naming another site, or ``null``. Without ``Origin`` (scripts, older browsers) it passes, and
@@ -240,7 +242,7 @@ def cross_site_refusal(request: web.Request) -> str | None:
     if request.method in SAFE_METHODS or not request.path.startswith(SESSION_PATHS):
         return None
     origin = request.headers.get("Origin")
-    if origin is None or _origin_allowed(request, origin):
+    if origin is None or _origin_allowed(request, origin, public_url):
         return None
     return f"cross-site request refused: Origin {origin[:100]} is not this service"
 

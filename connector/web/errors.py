@@ -1,0 +1,46 @@
+"""Middlewares that shape every answer: errors as JSON, URLs the database could not take."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from connector.rules.safe_json import is_storable
+from connector.web.responses import json_error
+
+log = logging.getLogger("connector.web")
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler):
+    """Every error is JSON ``{"error": ...}``; an unexpected one is logged and answered 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json" or exc.status < 400:
+            raise
+        response = json_error(exc.status, exc.reason)
+        # A 405 must say which methods the route takes (RFC 9110 §15.5.6).
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path})
+        return json_error(500, "internal error")
+
+
+@web.middleware
+async def storable_urls(request: web.Request, handler):
+    """A path or query holding NUL (``%00``) is refused before any handler can pass it to the
+    database (PostgreSQL refuses NUL in text, which would be a 500)."""
+    if not is_storable(request.path) or not all(
+        is_storable(key) and is_storable(value) for key, value in request.query.items()
+    ):
+        return json_error(400, "the URL holds a NUL character")
+    return await handler(request)
+
+
+def setup_errors(app: web.Application) -> None:
+    app.middlewares.append(json_errors)
+    app.middlewares.append(storable_urls)
