@@ -41,3 +41,27 @@ def event(
 
 def notification(*messages: dict[str, Any]) -> dict[str, Any]:
     return {"notification_id": "n-test", "channel": "user:update", "messages": list(messages)}
+
+
+def webhook(
+    event_id: str,
+    *,
+    customer_id: str | None = None,
+    email: str | None = None,
+    cio_id: str | None = None,
+    object_type: str = "email",
+    metric: str = "opened",
+) -> dict[str, Any]:
+    """A Customer.io reporting webhook with these identifiers."""
+    identifiers = {
+        key: value
+        for key, value in (("id", customer_id), ("email", email), ("cio_id", cio_id))
+        if value is not None
+    }
+    return {
+        "event_id": event_id,
+        "object_type": object_type,
+        "metric": metric,
+        "timestamp": 1613063089,
+        "data": {"identifiers": identifiers, "subject": "Hi"},
+    }

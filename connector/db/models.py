@@ -81,7 +81,7 @@ class User(Base):
     __table_args__ = (Index("ix_users_pending_next", "pending", "next_attempt_at"),)
 
 
-# Inbound webhooks find users by email case-insensitively (connector.inbound.identity).
+# Inbound webhooks find users by email case-insensitively (connector.users.identity).
 Index("ix_users_email_lower", func.lower(User.email))
 
 

@@ -6,7 +6,7 @@ webhook is stored; the scheduler's sweep picks up anything left behind (e.g. aft
 
 A claimed batch is processed set-based: every delivery is parsed and mapped first (no I/O),
 then one transaction resolves the users of the whole batch (see
-:mod:`connector.inbound.identity`), inserts its tracked events and outbox messages with one
+:mod:`connector.users.identity`), inserts its tracked events and outbox messages with one
 statement each and marks the deliveries done with at most two. The receiver goes first: while
 the inbox has webhooks waiting for their commit, the next batch waits (at most
 :data:`MAX_GIVE_WAY_SECONDS`), so processing falls behind during a burst and catches up after.
@@ -30,7 +30,6 @@ from connector.db.models import TrackedEvent, WebhookDelivery
 from connector.db.types import utcnow
 from connector.db.upsert import insert
 from connector.forwarding.outbox import ForwardedEvent, enqueue
-from connector.inbound.identity import resolve_users
 from connector.inbound.mapping import (
     InboundEvent,
     InvalidWebhook,
@@ -42,6 +41,7 @@ from connector.rules import safe_json
 from connector.rules.failures import failure_reason, is_transient
 from connector.settings.model import ConnectorSettings
 from connector.settings.store import SettingsStore
+from connector.users.identity import resolve_users
 
 log = logging.getLogger("connector.inbound")
 

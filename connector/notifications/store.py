@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -18,6 +17,8 @@ from connector.db.upsert import insert
 from connector.notifications.catalog import record_catalog
 from connector.notifications.parse import UserMessage
 from connector.rules.failures import failure_reason, is_transient
+from connector.settings.store import load_settings
+from connector.users.identity import WebhookUserMerge, find_users, new_user_id, platform_user
 
 log = logging.getLogger("connector.notifications")
 
@@ -42,45 +43,6 @@ class StoreResult:
         self.changed += other.changed
         self.new_events += other.new_events
         self.rejected += other.rejected
-
-
-def _new_user_id(message: UserMessage) -> str:
-    if message.key:
-        return message.key
-    if message.external_id:
-        return f"external_id:{message.external_id}"
-    return f"email:{message.email}"
-
-
-async def _find_users(session: AsyncSession, messages: list[UserMessage]) -> dict[int, User]:
-    """Existing user of each message (by position), locked for the rest of the transaction."""
-    keys = [m.key for m in messages if m.key]
-    external_ids = [m.external_id for m in messages if not m.key and m.external_id]
-    emails = [m.email for m in messages if not m.key and not m.external_id and m.email]
-    conditions = []
-    if keys:
-        conditions.append(User.id.in_(keys))
-    if external_ids:
-        conditions.append(User.external_id.in_(external_ids))
-    if emails:
-        conditions.append(User.email.in_(emails))
-    if not conditions:
-        return {}
-    rows = (await session.scalars(select(User).where(or_(*conditions)).with_for_update())).all()
-    by_id = {user.id: user for user in rows}
-    by_external = {user.external_id: user for user in rows if user.external_id}
-    by_email = {user.email: user for user in rows if user.email}
-    found: dict[int, User] = {}
-    for position, message in enumerate(messages):
-        if message.key:
-            user = by_id.get(message.key)
-        elif message.external_id:
-            user = by_external.get(message.external_id)
-        else:
-            user = by_email.get(message.email)
-        if user is not None:
-            found[position] = user
-    return found
 
 
 def _apply(user: User, message: UserMessage, data_hash: str) -> None:
@@ -132,18 +94,43 @@ async def _insert_events(session: AsyncSession, user_id: str, message: UserMessa
     return len((await session.execute(statement)).all())
 
 
+async def _webhook_users_to_merge(
+    session: AsyncSession, messages: list[UserMessage], existing: dict[int, User]
+) -> WebhookUserMerge:
+    """The users created from webhooks that the chunk's users new by ``user.id`` take over."""
+    merge = WebhookUserMerge()
+    new = [m for position, m in enumerate(messages) if m.key and position not in existing]
+    if new:
+        mapping = (await load_settings(session)).user_id_mapping
+        await merge.load(
+            session,
+            [platform_user(m, mapping) for m in new],
+            mapping,
+            exclude=(user.id for user in existing.values()),
+        )
+    return merge
+
+
 async def _store_once(
     sessionmaker: async_sessionmaker, messages: list[UserMessage], via_batch: bool
 ) -> StoreResult:
     changed = new_events = 0
     async with sessionmaker() as session, session.begin():
-        existing = await _find_users(session, messages)
+        existing = await find_users(session, messages)
+        merge = await _webhook_users_to_merge(session, messages, existing)
         now = utcnow()
         for position, message in enumerate(messages):
             data_hash = message.data_hash()
             user = existing.get(position)
             if user is None:
-                user = User(id=_new_user_id(message), version=0, pending=False, attempts=0)
+                user_id = new_user_id(message)
+                user = User(
+                    id=user_id,
+                    version=0,
+                    pending=False,
+                    attempts=0,
+                    cio_ref=merge.cio_ref_for(user_id),
+                )
                 session.add(user)
                 _apply(user, message, data_hash)
                 await session.flush()
@@ -157,6 +144,7 @@ async def _store_once(
             if is_changed or inserted or via_batch:
                 _mark_pending(user, now, via_batch)
                 changed += 1
+        await merge.apply(session)
         await record_catalog(session, messages)
     return StoreResult(accepted=len(messages), changed=changed, new_events=new_events)
 

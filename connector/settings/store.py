@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from connector.db.kv import KeyValueStore
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from connector.db.kv import KeyValueStore, get_value
 from connector.settings.model import ConnectorSettings, apply_patch, from_dict, validate_settings
 
 SETTINGS_KEY = "connector_settings"
+
+
+async def load_settings(session: AsyncSession) -> ConnectorSettings:
+    """The settings as ``session``'s transaction sees them."""
+    return from_dict(await get_value(session, SETTINGS_KEY, {}))
 
 
 class SettingsStore:

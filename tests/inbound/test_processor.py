@@ -1,24 +1,22 @@
-"""The inbound processor's set-based batches: users resolved in bulk with the precedence of one
-lookup at a time, one user per new customer, tracked events and outbox rows stored once."""
+"""The inbound processor's set-based batches: users resolved with the precedence of one lookup
+at a time, one user per new customer, tracked events and outbox rows stored once."""
 
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from connector.db.models import ForwardMessage, TrackedEvent, User, WebhookDelivery
 from connector.db.types import utcnow
 from connector.inbound import processor as processor_module
-from connector.inbound.identity import candidate_id, new_user_row, resolve_users
-from connector.inbound.mapping import Identity
 from connector.runtime import Runtime, open_runtime
+
+from ..helpers import webhook
 
 OLD = datetime(2020, 1, 1, tzinfo=UTC)
 
@@ -27,29 +25,6 @@ OLD = datetime(2020, 1, 1, tzinfo=UTC)
 async def runtime(make_config) -> AsyncIterator[Runtime]:
     async with open_runtime(make_config()) as runtime:
         yield runtime
-
-
-def webhook(
-    event_id: str,
-    *,
-    customer_id: str | None = None,
-    email: str | None = None,
-    cio_id: str | None = None,
-    object_type: str = "email",
-    metric: str = "opened",
-) -> dict[str, Any]:
-    identifiers = {
-        key: value
-        for key, value in (("id", customer_id), ("email", email), ("cio_id", cio_id))
-        if value is not None
-    }
-    return {
-        "event_id": event_id,
-        "object_type": object_type,
-        "metric": metric,
-        "timestamp": 1613063089,
-        "data": {"identifiers": identifiers, "subject": "Hi"},
-    }
 
 
 async def store(runtime: Runtime, *payloads: Any) -> None:
@@ -299,111 +274,3 @@ async def test_processor_gives_way_to_a_busy_receiver_for_a_bounded_time(runtime
     summary = await runtime.processor.process_pending()
     assert summary.processed == 1
     assert polls > 1
-
-
-# -- the bulk resolution against one lookup at a time ---------------------------------------
-
-
-async def _first(session: AsyncSession, condition: Any) -> User | None:
-    query = select(User).where(condition).order_by(User.created_at, User.id).limit(1)
-    return (await session.scalars(query)).first()
-
-
-async def _reference_find_or_create(
-    session: AsyncSession, identity: Identity, mapping: str
-) -> User:
-    """The resolution as it was done one delivery at a time, query by query."""
-
-    def by_customer_id(customer_id: str) -> Any:
-        if mapping == "external_id":
-            return User.external_id == customer_id
-        if mapping == "email":
-            return func.lower(User.email) == customer_id.lower()
-        if mapping == "id":
-            return User.id == customer_id
-        return User.attributes[mapping].as_string() == customer_id
-
-    user = None
-    if identity.customer_id:
-        user = await _first(session, User.cio_id == identity.customer_id)
-        if user is None:
-            user = await _first(session, by_customer_id(identity.customer_id))
-    if user is None and identity.email:
-        user = await _first(session, func.lower(User.email) == identity.email.lower())
-    if user is None and identity.cio_id:
-        user = await _first(session, User.cio_ref == identity.cio_id)
-    if user is None:
-        # The INSERT of a new user failed with an IntegrityError when one had its id already
-        # (or, held by this session, with a warning first); the user was then taken.
-        user = await session.get(User, candidate_id(identity))
-        if user is None:
-            candidate = User(**new_user_row(identity, mapping, utcnow()))
-            session.add(candidate)
-            await session.flush()
-            return candidate
-    if identity.cio_id and not user.cio_ref:
-        user.cio_ref = identity.cio_id
-    if identity.email and not user.email:
-        user.email = identity.email
-    return user
-
-
-async def _user_table(session: AsyncSession) -> list[tuple[Any, ...]]:
-    await session.flush()
-    rows = await session.scalars(select(User).order_by(User.id))
-    return [
-        (u.id, u.external_id, u.email, u.cio_id, u.cio_ref, u.attributes, u.sync_status)
-        for u in rows
-    ]
-
-
-@pytest.mark.parametrize("mapping", ["external_id", "email", "crm_id"])
-async def test_bulk_resolution_matches_one_lookup_at_a_time(runtime, mapping):
-    rng = random.Random(f"inbound-{mapping}")
-    customer_ids = [None, "c1", "c2", "c3", "x@example.com"]
-    emails = [None, "x@example.com", "X@example.com", "y@example.com", "z@example.com"]
-    cio_ids = [None, "r1", "r2", "r3"]
-    for round_ in range(40):
-        async with runtime.sessionmaker() as session, session.begin():
-            await session.execute(User.__table__.delete())
-            used: set[str] = set()
-            for n in range(rng.randint(0, 6)):
-                user_id = f"u{n}"
-                if n % 3 == 0:  # sometimes the id a new user would get
-                    user_id = rng.choice([user_id, f"cio:{rng.choice(customer_ids[1:])}"])
-                if user_id in used:
-                    user_id = f"u{n}"
-                used.add(user_id)
-                session.add(
-                    User(
-                        id=user_id,
-                        external_id=rng.choice(customer_ids),
-                        email=rng.choice(emails),
-                        cio_id=rng.choice(customer_ids[:3]),
-                        cio_ref=rng.choice(cio_ids),
-                        attributes={"crm_id": rng.choice(customer_ids)},
-                        created_at=OLD + timedelta(seconds=rng.choice([0, 0, 1, 2])),
-                        version=0,
-                        pending=False,
-                        attempts=0,
-                    )
-                )
-        identities = []
-        while len(identities) < 12:
-            identity = Identity(rng.choice(customer_ids), rng.choice(emails), rng.choice(cio_ids))
-            if not identity.is_empty:
-                identities.append(identity)
-
-        async with runtime.sessionmaker() as session:
-            expected = [
-                (await _reference_find_or_create(session, identity, mapping)).id
-                for identity in identities
-            ]
-            expected_table = await _user_table(session)
-            await session.rollback()
-        async with runtime.sessionmaker() as session:
-            got = await resolve_users(session, identities, mapping)
-            got_table = await _user_table(session)
-            await session.rollback()
-        assert got == expected, (round_, identities)
-        assert got_table == expected_table, (round_, identities)

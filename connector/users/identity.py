@@ -1,5 +1,10 @@
-"""Finding the users inbound events are about, or creating them with what is known.
+"""Which user a message is about: the one place for the rules of both pipelines.
 
+**Platform messages** (``notifications/``) are keyed by ``user.id``; a message without one is
+found by ``external_id``, else by ``email``, and creates a user ``external_id:<value>`` or
+``email:<value>`` (:func:`find_users`, :func:`new_user_id`).
+
+**Inbound webhooks** (``inbound/``) carry a customer id, an email and Customer.io's ``cio_id``.
 A batch of identities is resolved set-based: the candidate users are loaded with one query per
 lookup kind for the whole batch, then each identity is resolved in order in memory, with the
 same precedence as one query at a time would give, and users created or learnt earlier in the
@@ -11,8 +16,18 @@ batch visible to the later identities:
 3. Customer.io's ``cio_id`` (``users.cio_ref``);
 
 the oldest user (``created_at``, then ``id``) winning a tie. Failing all, a user
-``cio:<key>`` is created (or, if one with that id exists already, taken). A user found learns
-the ``cio_id`` and the email when it has none.
+``cio:<key>`` is created (or, if one with that id exists already, taken), with ``sync_status``
+``inbound`` and the webhook's customer id in ``users.cio_id``. A user found learns the
+``cio_id`` and the email when it has none.
+
+**Merging** (:func:`webhook_users_to_merge`, :class:`WebhookUserMerge`): when the platform
+sends a user that is new by ``user.id``, the users created from webhooks (``cio:`` and still
+``inbound``, i.e. never given platform data) that are the same person are merged into it: those
+whose customer id is the platform user's customer id (what the outbound sync will send: the
+``user_id_mapping`` attribute), and those without a customer id whose email is its email
+(case-insensitively). Their tracked events move to the platform user, which keeps the first
+one's ``cio_id`` (``cio_ref``), and they are deleted. A webhook user claimed by several
+platform users of one batch goes to the first.
 """
 
 from __future__ import annotations
@@ -23,15 +38,23 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, bindparam, case, func, select, update
+from sqlalchemy import String, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from connector.db.models import User
+from connector.db.models import TrackedEvent, User
 from connector.db.types import utcnow
 from connector.db.upsert import insert
 from connector.inbound.mapping import Identity
+from connector.notifications.parse import UserMessage
+from connector.outbound.mapping import customer_id as outbound_customer_id
+from connector.outbound.operations import UserSnapshot
 
 USERS = User.__table__
+TRACKED = TrackedEvent.__table__
+# Users created from webhooks: their ids begin so, and they keep this status until the platform
+# sends them (or they are merged into a user it sends).
+WEBHOOK_USER_PREFIX = "cio:"
+WEBHOOK_USER_STATUS = "inbound"
 # What resolution needs of a user; loaded for every candidate.
 _COLUMNS = (USERS.c.id, USERS.c.created_at, USERS.c.email, USERS.c.cio_ref)
 
@@ -60,7 +83,7 @@ def mapping_key(customer_id: str, user_id_mapping: str) -> str:
 
 def candidate_id(identity: Identity) -> str:
     """The id of the user created for ``identity`` (which must not be empty)."""
-    return f"cio:{identity.customer_id or identity.email or identity.cio_id}"
+    return f"{WEBHOOK_USER_PREFIX}{identity.customer_id or identity.email or identity.cio_id}"
 
 
 def new_user_row(identity: Identity, user_id_mapping: str, now: datetime) -> dict[str, Any]:
@@ -80,7 +103,7 @@ def new_user_row(identity: Identity, user_id_mapping: str, now: datetime) -> dic
         "segments": [],
         "cio_id": identity.customer_id,
         "cio_ref": identity.cio_id,
-        "sync_status": "inbound",
+        "sync_status": WEBHOOK_USER_STATUS,
         "version": 0,
         "pending": False,
         "attempts": 0,
@@ -337,3 +360,195 @@ async def resolve_users(
     ids = [resolver.resolve(identity).id for identity in identities]
     await resolver.write(session)
     return ids
+
+
+# -- the platform's users --------------------------------------------------------------------
+
+
+def new_user_id(message: UserMessage) -> str:
+    """The id of the user created for a platform message that matches no stored user."""
+    if message.key:
+        return message.key
+    if message.external_id:
+        return f"external_id:{message.external_id}"
+    return f"email:{message.email}"
+
+
+async def find_users(session: AsyncSession, messages: list[UserMessage]) -> dict[int, User]:
+    """Existing user of each message (by position), locked for the rest of the transaction."""
+    keys = [m.key for m in messages if m.key]
+    external_ids = [m.external_id for m in messages if not m.key and m.external_id]
+    emails = [m.email for m in messages if not m.key and not m.external_id and m.email]
+    conditions = []
+    if keys:
+        conditions.append(User.id.in_(keys))
+    if external_ids:
+        conditions.append(User.external_id.in_(external_ids))
+    if emails:
+        conditions.append(User.email.in_(emails))
+    if not conditions:
+        return {}
+    rows = (await session.scalars(select(User).where(or_(*conditions)).with_for_update())).all()
+    by_id = {user.id: user for user in rows}
+    by_external = {user.external_id: user for user in rows if user.external_id}
+    by_email = {user.email: user for user in rows if user.email}
+    found: dict[int, User] = {}
+    for position, message in enumerate(messages):
+        if message.key:
+            user = by_id.get(message.key)
+        elif message.external_id:
+            user = by_external.get(message.external_id)
+        else:
+            user = by_email.get(message.email)
+        if user is not None:
+            found[position] = user
+    return found
+
+
+# -- merging the users created from webhooks into the platform's -----------------------------
+
+
+@dataclass(frozen=True)
+class PlatformUser:
+    """A user the platform sends for the first time, as the merge sees it."""
+
+    id: str
+    customer_id: str | None
+    """What the outbound sync will send as its customer id (``user_id_mapping``)."""
+    email: str | None
+
+
+@dataclass(frozen=True)
+class WebhookUser:
+    """A user created from webhooks and never sent by the platform."""
+
+    id: str
+    customer_id: str | None
+    """The customer id its webhooks carried (``users.cio_id``)."""
+    email: str | None
+    cio_ref: str | None
+
+
+def platform_user(message: UserMessage, user_id_mapping: str) -> PlatformUser:
+    """The platform user of a message with a ``user.id``."""
+    assert message.key is not None
+    snapshot = UserSnapshot(
+        id=message.key,
+        external_id=message.external_id,
+        email=message.email,
+        anonymous_ids=(),
+        attributes=message.attributes,
+        account={},
+        segments=(),
+    )
+    return PlatformUser(
+        id=message.key,
+        customer_id=outbound_customer_id(snapshot, user_id_mapping),
+        email=message.email,
+    )
+
+
+def webhook_users_to_merge(
+    platform: Sequence[PlatformUser], webhook: Sequence[WebhookUser], user_id_mapping: str
+) -> dict[str, list[WebhookUser]]:
+    """The webhook users each platform user takes over (see the module's docstring), by
+    platform user id; platform users taking none are left out.
+
+    ``platform`` is in the order the messages came, ``webhook`` oldest first (that order is
+    kept in each list).
+    """
+    by_customer_id: dict[str, list[WebhookUser]] = {}
+    by_email: dict[str, list[WebhookUser]] = {}
+    for user in webhook:
+        if user.customer_id:
+            key = mapping_key(user.customer_id, user_id_mapping)
+            by_customer_id.setdefault(key, []).append(user)
+        elif user.email:
+            by_email.setdefault(user.email.lower(), []).append(user)
+    order = {user.id: position for position, user in enumerate(webhook)}
+    taken: set[str] = set()
+    merges: dict[str, list[WebhookUser]] = {}
+    for user in platform:
+        claimed = []
+        if user.customer_id:
+            claimed += by_customer_id.get(mapping_key(user.customer_id, user_id_mapping), [])
+        if user.email:
+            claimed += by_email.get(user.email.lower(), [])
+        mine = [w for w in claimed if w.id not in taken]
+        if mine:
+            taken.update(w.id for w in mine)
+            merges[user.id] = sorted(mine, key=lambda w: order[w.id])
+    return merges
+
+
+class WebhookUserMerge:
+    """The merges of one chunk of platform messages, in the transaction that stores them:
+    :meth:`load` before the new users are created (which take :meth:`cio_ref_for`), then
+    :meth:`apply` once they are flushed."""
+
+    def __init__(self) -> None:
+        self.merges: dict[str, list[WebhookUser]] = {}
+
+    async def load(
+        self,
+        session: AsyncSession,
+        platform: Sequence[PlatformUser],
+        user_id_mapping: str,
+        exclude: Iterable[str] = (),
+    ) -> None:
+        """Find (with one query) and lock the webhook users that ``platform``, the chunk's
+        users new by id, take over; the users in ``exclude`` (those the chunk's messages
+        update) are not taken."""
+        customer_ids = {
+            mapping_key(u.customer_id, user_id_mapping) for u in platform if u.customer_id
+        }
+        emails = {u.email.lower() for u in platform if u.email}
+        if not customer_ids and not emails:
+            return
+        customer_id = USERS.c.cio_id
+        if user_id_mapping == "email":
+            customer_id = func.lower(customer_id)
+        query = (
+            select(USERS.c.id, USERS.c.cio_id, USERS.c.email, USERS.c.cio_ref)
+            .where(
+                USERS.c.id.startswith(WEBHOOK_USER_PREFIX),
+                USERS.c.sync_status == WEBHOOK_USER_STATUS,
+                or_(
+                    customer_id.in_(customer_ids),
+                    USERS.c.cio_id.is_(None) & func.lower(USERS.c.email).in_(emails),
+                ),
+            )
+            .order_by(USERS.c.created_at, USERS.c.id)
+            # Webhooks for these users, processed meanwhile, wait for the merge and then find
+            # the platform user; without the lock their events could be deleted with the user.
+            .with_for_update()
+        )
+        excluded = set(exclude)
+        webhook = [
+            WebhookUser(id=row.id, customer_id=row.cio_id, email=row.email, cio_ref=row.cio_ref)
+            for row in await session.execute(query)
+            if row.id not in excluded
+        ]
+        self.merges = webhook_users_to_merge(platform, webhook, user_id_mapping)
+
+    def cio_ref_for(self, user_id: str) -> str | None:
+        """The ``cio_ref`` the new platform user ``user_id`` keeps from its webhook users."""
+        return next((w.cio_ref for w in self.merges.get(user_id, ()) if w.cio_ref), None)
+
+    async def apply(self, session: AsyncSession) -> None:
+        """Move the webhook users' tracked events to the platform users and delete them: one
+        (executemany) UPDATE and one DELETE."""
+        moves = [
+            {"b_from": w.id, "b_to": user_id}
+            for user_id, webhook in self.merges.items()
+            for w in webhook
+        ]
+        if not moves:
+            return
+        await session.execute(
+            update(TRACKED)
+            .where(TRACKED.c.user_id == bindparam("b_from"))
+            .values(user_id=bindparam("b_to")),
+            moves,
+        )
+        await session.execute(delete(USERS).where(USERS.c.id.in_([m["b_from"] for m in moves])))
