@@ -27,6 +27,7 @@ from sqlalchemy import String, bindparam, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from connector.db.models import User
+from connector.db.sync_state import SyncStatus
 from connector.db.types import utcnow
 from connector.db.upsert import insert
 from connector.inbound.mapping import Identity
@@ -80,7 +81,7 @@ def new_user_row(identity: Identity, user_id_mapping: str, now: datetime) -> dic
         "segments": [],
         "cio_id": identity.customer_id,
         "cio_ref": identity.cio_id,
-        "sync_status": "inbound",
+        "sync_status": SyncStatus.INBOUND,
         "version": 0,
         "pending": False,
         "attempts": 0,

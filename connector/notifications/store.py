@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from connector.db import sync_state
 from connector.db.models import User, UserEvent
 from connector.db.types import utcnow
 from connector.db.upsert import insert
@@ -94,18 +94,6 @@ def _apply(user: User, message: UserMessage, data_hash: str) -> None:
     user.data_hash = data_hash
 
 
-def _mark_pending(user: User, now: datetime, via_batch: bool) -> None:
-    user.version = (user.version or 0) + 1
-    if via_batch:
-        user.via_batch = True
-    if not user.pending:
-        user.pending = True
-        user.pending_since = now
-        user.attempts = 0
-        user.next_attempt_at = now
-        user.sync_status = "pending"
-
-
 async def _insert_events(session: AsyncSession, user_id: str, message: UserMessage) -> int:
     if not message.events:
         return 0
@@ -155,7 +143,7 @@ async def _store_once(
             inserted = await _insert_events(session, user.id, message)
             new_events += inserted
             if is_changed or inserted or via_batch:
-                _mark_pending(user, now, via_batch)
+                sync_state.mark_pending(user, now, via_batch=via_batch)
                 changed += 1
         await record_catalog(session, messages)
     return StoreResult(accepted=len(messages), changed=changed, new_events=new_events)

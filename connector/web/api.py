@@ -9,6 +9,7 @@ from marshmallow import ValidationError
 from sqlalchemy import select
 
 from connector.db.models import TrackedEvent, User, UserEvent
+from connector.db.sync_state import has_status
 from connector.inbound.gate import webhook_url
 from connector.ops import quarantine, stats
 from connector.rules.safe_json import MAX_INTEGER
@@ -145,7 +146,7 @@ async def find_users(request: web.Request) -> web.Response:
     if external_id := request.query.get("external_id"):
         query = query.where(User.external_id == external_id)
     if status := request.query.get("status"):
-        query = query.where(User.sync_status == status)
+        query = query.where(has_status(status))
     async with request.app[sessionmaker_key]() as session:
         users = (await session.scalars(query)).all()
     return json_response({"users": [user_json(user) for user in users]})
