@@ -61,7 +61,8 @@ class User(Base):
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     full_sync: Mapped[bool] = mapped_column(Boolean, default=False)
 
-    # Outcome of the last pass, and what Customer.io holds.
+    # Outcome of the last pass, and what Customer.io holds. The status is a SyncStatus, changed
+    # only by connector.db.sync_state (which imports this module, hence the bare default).
     sync_status: Mapped[str] = mapped_column(String(20), default="new")
     skip_reason: Mapped[str | None] = mapped_column(Text)
     last_error: Mapped[str | None] = mapped_column(Text)

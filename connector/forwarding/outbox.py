@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from sqlalchemy import and_, bindparam, func, select, update
@@ -60,6 +60,10 @@ _REDACTED = "[redacted]"
 UNAUTHORIZED_RETRY_SECONDS = 60
 
 
+ForwardOutcome = Literal["sent", "retrying", "failed"]
+"""What a flush did with a message (a field of :class:`FlushSummary`)."""
+
+
 @dataclass
 class FlushSummary:
     """What one flush did, counted in messages (``batches`` counts requests)."""
@@ -70,6 +74,18 @@ class FlushSummary:
     batches: int = 0
     error: str | None = None
     """The last reason a message was not sent in this flush."""
+
+    def count(self, outcome: ForwardOutcome, n: int = 1) -> None:
+        """Add ``n`` messages that ended ``outcome``."""
+        match outcome:
+            case "sent":
+                self.sent += n
+            case "retrying":
+                self.retrying += n
+            case "failed":
+                self.failed += n
+            case _:
+                raise ValueError(f"not a forwarding outcome: {outcome!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -424,7 +440,7 @@ class ForwardingService:
     ) -> None:
         now = utcnow()
         results: list[dict[str, Any]] = []
-        counts = {"sent": 0, "retrying": 0, "failed": 0}
+        counts: dict[ForwardOutcome, int] = {"sent": 0, "retrying": 0, "failed": 0}
         for message in batch:
             attempts = message.attempts + 1
             status, retry_at, reason = "failed", now, result.reason
@@ -460,7 +476,7 @@ class ForwardingService:
             )
         await self.outbox.write_results(results)
         for outcome, count in counts.items():
-            setattr(summary, outcome, getattr(summary, outcome) + count)
+            summary.count(outcome, count)
             if count:
                 self._metrics.forwarded.labels(outcome).inc(count)
         if result.reason:

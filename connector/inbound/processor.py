@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
 from sqlalchemy import bindparam, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -60,12 +61,30 @@ DELIVERIES = WebhookDelivery.__table__
 TRACKED = TrackedEvent.__table__
 
 
+WebhookOutcome = Literal["processed", "ignored", "unmatched", "invalid"]
+"""What became of a delivery (its stored status once done; a field of :class:`ProcessSummary`)."""
+
+
 @dataclass
 class ProcessSummary:
     processed: int = 0
     ignored: int = 0
     unmatched: int = 0
     invalid: int = 0
+
+    def count(self, outcome: WebhookOutcome, n: int = 1) -> None:
+        """Add ``n`` deliveries that ended ``outcome``."""
+        match outcome:
+            case "processed":
+                self.processed += n
+            case "ignored":
+                self.ignored += n
+            case "unmatched":
+                self.unmatched += n
+            case "invalid":
+                self.invalid += n
+            case _:
+                raise ValueError(f"not a webhook outcome: {outcome!r}")
 
 
 @dataclass(eq=False)
@@ -190,7 +209,7 @@ class InboundProcessor:
             await self._process_one_by_one(deliveries, events, settings)
         counts = Counter((d.status, d.event_name or "") for d in deliveries)
         for (outcome, name), count in counts.items():
-            setattr(summary, outcome, getattr(summary, outcome) + count)
+            summary.count(outcome, count)
             self._metrics.webhook_outcome(outcome, webhook_event_label(name), count)
 
     async def _process_one_by_one(

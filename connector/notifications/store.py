@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from connector.db import sync_state
 from connector.db.models import User, UserEvent
 from connector.db.types import utcnow
 from connector.db.upsert import insert
@@ -54,18 +54,6 @@ def _apply(user: User, message: UserMessage, data_hash: str) -> None:
     user.segments = message.segments
     user.indexed_at = message.indexed_at
     user.data_hash = data_hash
-
-
-def _mark_pending(user: User, now: datetime, via_batch: bool) -> None:
-    user.version = (user.version or 0) + 1
-    if via_batch:
-        user.via_batch = True
-    if not user.pending:
-        user.pending = True
-        user.pending_since = now
-        user.attempts = 0
-        user.next_attempt_at = now
-        user.sync_status = "pending"
 
 
 async def _insert_events(session: AsyncSession, user_id: str, message: UserMessage) -> int:
@@ -142,7 +130,7 @@ async def _store_once(
             inserted = await _insert_events(session, user.id, message)
             new_events += inserted
             if is_changed or inserted or via_batch:
-                _mark_pending(user, now, via_batch)
+                sync_state.mark_pending(user, now, via_batch=via_batch)
                 changed += 1
         await merge.apply(session)
         await record_catalog(session, messages)

@@ -16,6 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from connector.db.models import ForwardMessage, User, UserEvent, WebhookDelivery
+from connector.db.sync_state import failed_for_good, retry_failed_users
 from connector.db.types import utcnow
 
 
@@ -29,13 +30,9 @@ class Quarantined:
         return {"count": self.count, "reason": self.reason}
 
 
-def _failed_users() -> Any:
-    return (User.sync_status == "failed") & User.pending.is_(False)
-
-
 _QUEUES: dict[str, tuple[Any, Any, Any, Any]] = {
     # name: (model, condition, reason column, newest first)
-    "users": (User, _failed_users(), User.last_error, User.updated_at),
+    "users": (User, failed_for_good(), User.last_error, User.updated_at),
     "webhooks": (
         WebhookDelivery,
         WebhookDelivery.status == "invalid",
@@ -70,24 +67,12 @@ async def retry_failed(sessionmaker: async_sessionmaker) -> dict[str, int]:
     of each kind. A retried user sends its failed events again too."""
     now = utcnow()
     async with sessionmaker() as session, session.begin():
-        users = list(await session.scalars(select(User.id).where(_failed_users())))
+        users = await retry_failed_users(session, now)
         if users:
             await session.execute(
                 update(UserEvent)
                 .where(UserEvent.user_id.in_(users), UserEvent.status == "failed")
                 .values(status="pending", reason=None)
-            )
-            await session.execute(
-                update(User)
-                .where(User.id.in_(users))
-                .values(
-                    pending=True,
-                    version=User.version + 1,
-                    pending_since=now,
-                    next_attempt_at=now,
-                    attempts=0,
-                    sync_status="pending",
-                )
             )
         webhooks = await session.execute(
             update(WebhookDelivery)

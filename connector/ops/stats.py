@@ -17,6 +17,7 @@ from connector.db.models import (
     User,
     WebhookDelivery,
 )
+from connector.db.sync_state import SyncStatus, failed_for_good
 from connector.ops.quarantine import quarantined
 from connector.ops.status import CredentialStatusStore, Status, compute_status
 from connector.settings.store import SettingsStore
@@ -72,7 +73,7 @@ async def catalog(session: AsyncSession) -> dict[str, Any]:
 @dataclass(frozen=True)
 class UserLine:
     id: str
-    status: str
+    status: SyncStatus
     attempts: int
     reason: str | None
     updated_at: datetime | None
@@ -90,7 +91,7 @@ class OutboundStats:
 def _line(user: User) -> UserLine:
     return UserLine(
         id=user.id,
-        status=user.sync_status,
+        status=SyncStatus(user.sync_status),
         attempts=user.attempts,
         reason=user.last_error or user.skip_reason,
         updated_at=user.updated_at,
@@ -106,20 +107,16 @@ async def last_finished_run(session: AsyncSession) -> SyncRun | None:
     )
 
 
-def _failed_for_good():
-    return (User.sync_status == "failed") & User.pending.is_(False)
-
-
 async def outbound_stats(session: AsyncSession, listed: int = USERS_LISTED) -> OutboundStats:
     """The last finished pass, and the users waiting or failed for good (a few, newest first)."""
     pending = await session.scalar(select(func.count()).where(User.pending.is_(True)))
-    failed = await session.scalar(select(func.count()).where(_failed_for_good()))
+    failed = await session.scalar(select(func.count()).where(failed_for_good()))
     newest_first = (User.updated_at.desc(), User.id)
     pending_users = await session.scalars(
         select(User).where(User.pending.is_(True)).order_by(*newest_first).limit(listed)
     )
     failed_users = await session.scalars(
-        select(User).where(_failed_for_good()).order_by(*newest_first).limit(listed)
+        select(User).where(failed_for_good()).order_by(*newest_first).limit(listed)
     )
     return OutboundStats(
         last_run=await last_finished_run(session),
@@ -141,7 +138,7 @@ async def service_status(
     call_failures = await credentials.call_failures()
     async with sessionmaker() as session:
         last_run = await last_finished_run(session)
-        failed = await session.scalar(select(func.count()).where(_failed_for_good()))
+        failed = await session.scalar(select(func.count()).where(failed_for_good()))
         held = await quarantined(session)
         forwarding_error = await session.scalar(
             select(ForwardMessage.last_error)

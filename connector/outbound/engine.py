@@ -22,9 +22,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from connector.config import SyncConfig
+from connector.db.sync_state import SyncStatus
 from connector.db.types import utcnow
 from connector.ops.metrics import Metrics
 from connector.outbound.operations import (
@@ -53,6 +54,25 @@ MAX_WRITE_GROUP = 200
 MAX_WRITE_DELAY = 0.5
 
 
+UserCount = Literal["sent", "skipped", "deleted", "failed", "retrying"]
+"""How a pass counts a user it is through with (a field of :class:`SyncSummary`)."""
+
+_COUNTED_AS: dict[str, UserCount] = {
+    SyncStatus.SYNCED: "sent",
+    SyncStatus.ANONYMOUS: "sent",
+    SyncStatus.SKIPPED: "skipped",
+    SyncStatus.DELETED: "deleted",
+    SyncStatus.FAILED: "failed",
+}
+"""A settled user's count, by the status the pass leaves it."""
+
+
+def _counted_as(outcome: UserOutcome, will_retry: bool) -> UserCount:
+    if outcome.status == "retry":
+        return "retrying" if will_retry else "failed"
+    return _COUNTED_AS[outcome.status]
+
+
 @dataclass
 class SyncSummary:
     sent: int = 0
@@ -64,6 +84,22 @@ class SyncSummary:
     api_calls: int = 0
     error: str | None = None
     skip_reasons: dict[str, int] = field(default_factory=dict)
+
+    def count(self, outcome: UserCount, n: int = 1) -> None:
+        """Add ``n`` users counted as ``outcome``."""
+        match outcome:
+            case "sent":
+                self.sent += n
+            case "skipped":
+                self.skipped += n
+            case "deleted":
+                self.deleted += n
+            case "failed":
+                self.failed += n
+            case "retrying":
+                self.retrying += n
+            case _:
+                raise ValueError(f"not a user count: {outcome!r}")
 
     @property
     def users(self) -> int:
@@ -112,7 +148,7 @@ class CallLog:
 
 def _quarantine(outcome: UserOutcome, stage: str, error: Exception) -> UserOutcome:
     """Mark a user that could not be processed as failed, keeping what this pass did for it."""
-    outcome.status = "failed"
+    outcome.status = SyncStatus.FAILED
     # The type only: an exception's text may carry the user's data.
     outcome.reason = f"could not be processed ({stage} raised {type(error).__name__})"
     return outcome
@@ -138,10 +174,10 @@ def _operation_name(operation: Operation) -> str:
 
 
 _INITIAL_STATUS = {
-    PlanAction.SEND: "synced",
-    PlanAction.ANONYMOUS: "anonymous",
-    PlanAction.DELETE: "deleted",
-    PlanAction.SKIP: "skipped",
+    PlanAction.SEND: SyncStatus.SYNCED,
+    PlanAction.ANONYMOUS: SyncStatus.ANONYMOUS,
+    PlanAction.DELETE: SyncStatus.DELETED,
+    PlanAction.SKIP: SyncStatus.SKIPPED,
 }
 
 ProgressCallback = Callable[[UserPlan, UserOutcome], None]
@@ -254,7 +290,7 @@ class SyncEngine:
                 "user quarantined",
                 extra={"user_id": user_id, "stage": "planning", "error": type(exc).__name__},
             )
-            outcome = _quarantine(UserOutcome(status="failed"), "planning", exc)
+            outcome = _quarantine(UserOutcome(status=SyncStatus.FAILED), "planning", exc)
             return UserPlan(user_id=user_id, action=PlanAction.SKIP), outcome
         outcome = _initial_outcome(plan)
         try:
@@ -315,14 +351,14 @@ class SyncEngine:
                     outcome.identified = True
                     outcome.sent_attributes.update(operation.attributes)
                 else:
-                    outcome.status = "failed"
+                    outcome.status = SyncStatus.FAILED
                     outcome.reason = f"identify failed: {result.reason}"
                     return
             elif isinstance(operation, DeleteCustomer):
                 if result.ok:
                     outcome.deleted = True
                 else:
-                    outcome.status = "failed"
+                    outcome.status = SyncStatus.FAILED
                     outcome.reason = f"delete failed: {result.reason}"
                     return
             elif isinstance(operation, Track):
@@ -365,16 +401,9 @@ class SyncEngine:
         status = outcome.status
         if status == "released":
             return
-        if status == "retry":
-            key = "retrying" if will_retry else "failed"
-        elif status in ("synced", "anonymous"):
-            key = "sent"
-        elif status == "deleted":
-            key = "deleted"
-        else:
-            key = status
-        setattr(summary, key, getattr(summary, key) + 1)
-        if status == "skipped" and outcome.reason:
+        key = _counted_as(outcome, will_retry)
+        summary.count(key)
+        if status == SyncStatus.SKIPPED and outcome.reason:
             summary.skip_reasons[outcome.reason] = summary.skip_reasons.get(outcome.reason, 0) + 1
         self._metrics.users.labels(key).inc()
         log.info(

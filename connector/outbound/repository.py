@@ -12,14 +12,16 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import load_only
 
+from connector.db import sync_state
 from connector.db.claims import claim_rows, unclaimed
 from connector.db.models import SyncRun, User, UserEvent
+from connector.db.sync_state import SyncStatus
 from connector.db.types import utcnow
 from connector.notifications.parse import PlatformEvent
 from connector.outbound.operations import UserSnapshot
@@ -36,8 +38,10 @@ class ClaimedUser:
 class UserOutcome:
     """What one pass did for one user; :meth:`OutboundRepository.finish` stores it."""
 
-    status: str
-    """``synced``, ``anonymous``, ``skipped``, ``deleted``, ``failed``, ``retry``, ``released``."""
+    status: SyncStatus | Literal["retry", "released"]
+    """What the pass leaves: a settled user's status (``synced``, ``anonymous``, ``skipped``,
+    ``deleted``, ``failed``), ``retry`` (``retrying``, or ``failed`` when it gives up), or
+    ``released`` (not reached: left as it was)."""
     customer_id: str | None = None
     reason: str | None = None
     attribute_errors: dict[str, str] = field(default_factory=dict)
@@ -124,19 +128,8 @@ class OutboundRepository:
     async def mark_all_pending(self, *, full: bool) -> int:
         """Every known user is looked at again: after a mapping change, or ``sync --full``
         (``full``: every attribute is sent again, not only what changed)."""
-        now = utcnow()
         async with self._sessionmaker() as session, session.begin():
-            result = await session.execute(
-                update(User).values(
-                    full_sync=True if full else User.full_sync,
-                    pending=True,
-                    version=User.version + 1,
-                    pending_since=func.coalesce(User.pending_since, now),
-                    next_attempt_at=now,
-                    attempts=0,
-                )
-            )
-            return result.rowcount or 0
+            return await sync_state.mark_all_pending(session, utcnow(), full=full)
 
     async def claim(self, limit: int, due_by: datetime | None = None) -> list[ClaimedUser]:
         """Lease up to ``limit`` pending users due by ``due_by`` (default: now) and load them.
@@ -262,7 +255,7 @@ class OutboundRepository:
                     }
                     for event_id, (status, reason) in outcome.event_results.items()
                 )
-                if user.sync_status == "failed" and not user.pending:
+                if sync_state.is_failed_for_good(user):
                     # A user that failed for good takes its waiting events with it.
                     failed.append({"b_user_id": user.id, "b_reason": user.last_error})
             # Core statements on the table, executed for many rows: no UserEvent is loaded in
@@ -308,25 +301,17 @@ class OutboundRepository:
             return
         user.attribute_errors = outcome.attribute_errors
         if outcome.status == "retry":
-            user.attempts = outcome.attempts
-            user.last_error = outcome.reason
-            if retry_at is None:
-                user.pending = False
-                user.sync_status = "failed"
-            else:
-                user.next_attempt_at = retry_at
-                user.sync_status = "retrying"
-            return
-        user.sync_status = outcome.status
-        user.skip_reason = outcome.reason if outcome.status == "skipped" else None
-        user.last_error = outcome.reason if outcome.status == "failed" else None
-        user.attempts = 0
-        if user.version == claimed.version:
-            user.pending = False
-            user.pending_since = None
-            user.via_batch = False
-            user.full_sync = False
-        user.next_attempt_at = now
+            sync_state.record_retry(
+                user, attempts=outcome.attempts, reason=outcome.reason, retry_at=retry_at
+            )
+        else:
+            sync_state.record_result(
+                user,
+                outcome.status,
+                reason=outcome.reason,
+                claimed_version=claimed.version,
+                now=now,
+            )
 
     async def start_run(self, trigger: str, full: bool, dry_run: bool) -> int:
         async with self._sessionmaker() as session, session.begin():

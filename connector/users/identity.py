@@ -42,6 +42,7 @@ from sqlalchemy import String, bindparam, case, delete, func, or_, select, updat
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from connector.db.models import TrackedEvent, User
+from connector.db.sync_state import SyncStatus
 from connector.db.types import utcnow
 from connector.db.upsert import insert
 from connector.inbound.mapping import Identity
@@ -54,7 +55,7 @@ TRACKED = TrackedEvent.__table__
 # Users created from webhooks: their ids begin so, and they keep this status until the platform
 # sends them (or they are merged into a user it sends).
 WEBHOOK_USER_PREFIX = "cio:"
-WEBHOOK_USER_STATUS = "inbound"
+WEBHOOK_USER_STATUS = SyncStatus.INBOUND
 # What resolution needs of a user; loaded for every candidate.
 _COLUMNS = (USERS.c.id, USERS.c.created_at, USERS.c.email, USERS.c.cio_ref)
 

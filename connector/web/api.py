@@ -9,6 +9,7 @@ from marshmallow import ValidationError
 from sqlalchemy import select
 
 from connector.db.models import TrackedEvent, User, UserEvent
+from connector.db.sync_state import has_status
 from connector.inbound.gate import webhook_url
 from connector.ops import quarantine, stats
 from connector.rules.safe_json import MAX_INTEGER
@@ -161,7 +162,7 @@ class AdminAPI:
         if external_id := request.query.get("external_id"):
             query = query.where(User.external_id == external_id)
         if status := request.query.get("status"):
-            query = query.where(User.sync_status == status)
+            query = query.where(has_status(status))
         async with self._sessionmaker() as session:
             users = (await session.scalars(query)).all()
         return json_response({"users": [user_json(user) for user in users]})

@@ -539,6 +539,18 @@ async def test_users_api_finds_users_by_email_and_external_id(start_app):
     assert await find_users(client, email="nobody@example.com") == []
 
 
+async def test_users_api_filters_by_sync_status(start_app, fake_cio):
+    client = await start_app()
+    await notify(client, message("u1", external_id="ext-1"), message("u2", external_id="ext-2"))
+    fake_cio.fail_next(400, method="PUT", path="/api/v1/customers/ext-2")
+    await sync(client)
+    (failed,) = await find_users(client, status="failed")
+    assert (failed["id"], failed["sync"]["status"]) == ("u2", "failed")
+    assert [u["sync"]["status"] for u in await find_users(client, status="synced")] == ["synced"]
+    assert await find_users(client, status="pending") == []
+    assert await find_users(client, status="no-such-status") == []
+
+
 async def test_users_api_unknown_user_is_404_json(start_app):
     client = await start_app()
     body = await assert_json_error(await client.get("/api/users/unknown", headers=ADMIN), 404)

@@ -1,0 +1,166 @@
+"""A user's sync state, and every change of it.
+
+A user's place in the outbound work queue is a few columns of ``users``: ``sync_status``
+(one :class:`SyncStatus`), ``pending``, ``pending_since``, ``next_attempt_at``, ``attempts``,
+and the reason columns. Only this module writes them; callers name the change
+(:func:`mark_pending`, :func:`mark_all_pending`, :func:`record_result`, :func:`record_retry`,
+:func:`retry_failed_users`) and read through the conditions below. The set-based changes are
+one statement each, whatever the number of users.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, false, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from connector.db.models import User
+
+
+class SyncStatus(enum.StrEnum):
+    """What ``users.sync_status`` holds; the values are the strings stored and shown by the
+    API (``sync.status``), so a member's value never changes."""
+
+    NEW = "new"
+    """The model's default: known but never looked at. Every path that creates a user today
+    sets another status at once (``pending``, ``inbound``)."""
+    PENDING = "pending"
+    """Changed since the last pass (or made pending again by hand): a pass sends it."""
+    INBOUND = "inbound"
+    """Created from a Customer.io reporting webhook: the platform never sent it, so there is
+    nothing to send until it does."""
+    SYNCED = "synced"
+    """The last pass sent what it had to (identify and/or events)."""
+    ANONYMOUS = "anonymous"
+    """The last pass sent anonymous events only: the user has no customer id."""
+    SKIPPED = "skipped"
+    """The last pass sent nothing, for ``skip_reason`` (not whitelisted, no changes, …)."""
+    DELETED = "deleted"
+    """The last pass deleted the person in Customer.io."""
+    RETRYING = "retrying"
+    """The last pass got a 429, a 5xx or no answer: still pending, due at
+    ``next_attempt_at``, with ``attempts`` counted against the operation held up."""
+    FAILED = "failed"
+    """The last pass failed for the user, with ``last_error``. Not pending (and so quarantined)
+    unless it changed meanwhile; :func:`retry_failed_users` makes it pending again."""
+
+
+PASS_RESULTS = frozenset(
+    {
+        SyncStatus.SYNCED,
+        SyncStatus.ANONYMOUS,
+        SyncStatus.SKIPPED,
+        SyncStatus.DELETED,
+        SyncStatus.FAILED,
+    }
+)
+"""The statuses a pass that settled a user leaves (:func:`record_result`)."""
+
+
+def failed_for_good() -> ColumnElement[bool]:
+    """Users quarantined: failed, and not pending again since."""
+    return (User.sync_status == SyncStatus.FAILED) & User.pending.is_(False)
+
+
+def is_failed_for_good(user: User) -> bool:
+    """:func:`failed_for_good` of a loaded user."""
+    return user.sync_status == SyncStatus.FAILED and not user.pending
+
+
+def has_status(value: str) -> ColumnElement[bool]:
+    """Users whose status is ``value``; none when ``value`` is no :class:`SyncStatus`."""
+    try:
+        status = SyncStatus(value)
+    except ValueError:
+        return false()
+    return User.sync_status == status
+
+
+def mark_pending(user: User, now: datetime, *, via_batch: bool) -> None:
+    """``user`` changed: a new version, and pending (from ``now``) unless it already was."""
+    user.version = (user.version or 0) + 1
+    if via_batch:
+        user.via_batch = True
+    if not user.pending:
+        user.pending = True
+        user.pending_since = now
+        user.attempts = 0
+        user.next_attempt_at = now
+        user.sync_status = SyncStatus.PENDING
+
+
+async def mark_all_pending(session: AsyncSession, now: datetime, *, full: bool) -> int:
+    """Every user is due again now, its attempts reset (``full``: every attribute is sent
+    again, not only what changed); returns how many users. Statuses are left as they are."""
+    result = await session.execute(
+        update(User).values(
+            full_sync=True if full else User.full_sync,
+            pending=True,
+            version=User.version + 1,
+            pending_since=func.coalesce(User.pending_since, now),
+            next_attempt_at=now,
+            attempts=0,
+        )
+    )
+    return result.rowcount or 0
+
+
+async def retry_failed_users(session: AsyncSession, now: datetime) -> list[str]:
+    """Make every user :func:`failed_for_good` pending again, due now with its attempts
+    reset; returns their ids."""
+    users = list(await session.scalars(select(User.id).where(failed_for_good())))
+    if users:
+        await session.execute(
+            update(User)
+            .where(User.id.in_(users))
+            .values(
+                pending=True,
+                version=User.version + 1,
+                pending_since=now,
+                next_attempt_at=now,
+                attempts=0,
+                sync_status=SyncStatus.PENDING,
+            )
+        )
+    return users
+
+
+def record_result(
+    user: User, status: str, *, reason: str | None, claimed_version: int, now: datetime
+) -> None:
+    """A pass settled ``user`` with ``status`` (one of :data:`PASS_RESULTS`) and ``reason``
+    (``skip_reason`` of a skipped user, ``last_error`` of a failed one).
+
+    It leaves the queue unless it changed since it was claimed (``claimed_version``); a
+    changed one stays pending, due now.
+    """
+    result = SyncStatus(status)
+    if result not in PASS_RESULTS:
+        raise ValueError(f"a pass does not leave a user {result.value!r}")
+    user.sync_status = result
+    user.skip_reason = reason if result is SyncStatus.SKIPPED else None
+    user.last_error = reason if result is SyncStatus.FAILED else None
+    user.attempts = 0
+    if user.version == claimed_version:
+        user.pending = False
+        user.pending_since = None
+        user.via_batch = False
+        user.full_sync = False
+    user.next_attempt_at = now
+
+
+def record_retry(
+    user: User, *, attempts: int, reason: str | None, retry_at: datetime | None
+) -> None:
+    """A pass must try ``user`` again at ``retry_at`` (``retrying``), or gave up on it
+    (``retry_at`` None: ``failed``, and no longer pending), after ``attempts``."""
+    user.attempts = attempts
+    user.last_error = reason
+    if retry_at is None:
+        user.pending = False
+        user.sync_status = SyncStatus.FAILED
+    else:
+        user.next_attempt_at = retry_at
+        user.sync_status = SyncStatus.RETRYING
