@@ -20,6 +20,7 @@ from connector.web.auth import Auth
 from connector.web.errors import setup_errors
 from connector.web.health import setup_health
 from connector.web.keys import runtime_key
+from connector.web.openapi import setup_openapi
 from connector.web.platform import setup_platform
 from connector.web.security import LoginThrottle
 from connector.web.webhook import setup_webhook
@@ -48,5 +49,6 @@ def create_app(config: Config, *, sender_factory: SenderFactory | None = None) -
     setup_platform(app, runtime, auth)
     setup_webhook(app, runtime)
     setup_api(app, runtime, auth)
+    setup_openapi(app)
     setup_admin(app, runtime, auth)
     return app
