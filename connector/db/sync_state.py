@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, false, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -76,6 +77,12 @@ def has_status(value: str) -> ColumnElement[bool]:
     except ValueError:
         return false()
     return User.sync_status == status
+
+
+def webhook_user_state() -> dict[str, Any]:
+    """The sync state of a user created from webhooks (``users`` columns): known to
+    Customer.io, not sent by the platform, nothing to send."""
+    return {"sync_status": SyncStatus.INBOUND, "version": 0, "pending": False, "attempts": 0}
 
 
 def mark_pending(user: User, now: datetime, *, via_batch: bool) -> None:

@@ -42,7 +42,7 @@ from sqlalchemy import String, bindparam, case, delete, func, or_, select, updat
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from connector.db.models import TrackedEvent, User
-from connector.db.sync_state import SyncStatus
+from connector.db.sync_state import SyncStatus, webhook_user_state
 from connector.db.types import utcnow
 from connector.db.upsert import insert
 from connector.inbound.mapping import Identity
@@ -104,10 +104,7 @@ def new_user_row(identity: Identity, user_id_mapping: str, now: datetime) -> dic
         "segments": [],
         "cio_id": identity.customer_id,
         "cio_ref": identity.cio_id,
-        "sync_status": WEBHOOK_USER_STATUS,
-        "version": 0,
-        "pending": False,
-        "attempts": 0,
+        **webhook_user_state(),
         "created_at": now,
         "updated_at": now,
     }
