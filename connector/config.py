@@ -32,7 +32,13 @@ class ConfigError(Exception):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    public_url: str = "http://127.0.0.1:8080"
+    public_url: str = ""
+    """Base of the generated webhook URL; empty means ``http://{host}:{port}``."""
+
+    def __post_init__(self) -> None:
+        if not self.public_url:
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            object.__setattr__(self, "public_url", f"http://{host}:{self.port}")
 
 
 @dataclass(frozen=True)

@@ -418,6 +418,14 @@ async def test_cli_webhook_url_prints_and_rotates(settings_file):
     assert first.stdout == again.stdout != rotated.stdout
 
 
+async def test_cli_webhook_url_follows_the_port_without_a_public_url(settings_file):
+    config = settings_file()
+    config.write_text(config.read_text(encoding="utf-8") + "[server]\nport = 9000\n")
+    result = await run_cli(config, "webhook-url")
+    assert result.code == 0, result.stderr
+    assert result.stdout.startswith("http://127.0.0.1:9000/webhook?conf=")
+
+
 async def test_cli_retry_failed_makes_quarantined_records_pending(settings_file, db_url):
     config = settings_file()
     assert (await run_cli(config, "migrate")).code == 0

@@ -22,6 +22,24 @@ def test_config_defaults_follow_the_spec():
     assert config.customerio.track_host == ""
 
 
+@pytest.mark.parametrize(
+    ("server", "expected"),
+    [
+        ({"port": 9000}, "http://127.0.0.1:9000"),
+        ({"host": "0.0.0.0", "port": 9000}, "http://0.0.0.0:9000"),
+        ({"host": "::1", "port": 9000}, "http://[::1]:9000"),
+        ({"port": 9000, "public_url": "https://hooks.example.com"}, "https://hooks.example.com"),
+    ],
+)
+def test_config_public_url_follows_host_and_port_unless_set(server, expected):
+    assert parse_config({**MINIMAL, "server": server}).server.public_url == expected
+
+
+def test_config_public_url_follows_the_port_from_the_environment():
+    config = parse_config(apply_environment(MINIMAL, {"CONNECTOR_SERVER_PORT": "9001"}))
+    assert config.server.public_url == "http://127.0.0.1:9001"
+
+
 def test_config_reports_every_error_at_once_with_key_names():
     raw = {
         "server": {"port": 70000},
