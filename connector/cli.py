@@ -57,6 +57,7 @@ def _run(coroutine: Any) -> Any:
 
 
 @click.group()
+@click.version_option(package_name="customerio-connector", prog_name="connector")
 @click.option(
     "--config",
     "config_file",

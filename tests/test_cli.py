@@ -8,6 +8,7 @@ at the fake Customer.io. The fake serves on this test's event loop, so the CLI i
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import os
 import re
@@ -152,6 +153,13 @@ async def import_good_users(settings: Path, tmp_path: Path) -> None:
 
 
 # -- init and configuration --------------------------------------------------------------
+
+
+async def test_cli_version_prints_the_package_version(tmp_path):
+    result = await run_cli(tmp_path / "settings.toml", "--version")
+    assert result.code == 0, result.stderr
+    assert result.stdout.strip().endswith(importlib.metadata.version("customerio-connector"))
+    assert result.stdout.startswith("connector")
 
 
 async def test_cli_init_writes_settings_with_a_generated_password(tmp_path):

@@ -154,6 +154,12 @@ def field_html(html: str, name: str) -> str:
 # Logging in
 
 
+async def test_admin_root_redirects_to_the_settings_page(start_app):
+    client = await start_app()
+    resp = await client.get("/", allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"] == "/admin"
+
+
 async def test_admin_login_page_sets_an_httponly_lax_session_cookie(start_app):
     client = await start_app()
     resp = await client.get("/admin/login")

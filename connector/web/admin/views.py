@@ -53,6 +53,11 @@ def _see_other(location: str) -> web.HTTPSeeOther:
     return web.HTTPSeeOther(location)
 
 
+async def root(request: web.Request) -> web.StreamResponse:
+    """A newcomer opening the service's address lands on the settings page."""
+    raise web.HTTPFound(PAGE)
+
+
 class UnreadableForm(Exception):
     """The body is not a form aiohttp can decode: unknown charset, invalid UTF-8, a multipart
     body without its boundary or with a part it cannot decode."""
@@ -351,6 +356,7 @@ def setup_routes(
     app: web.Application, runtime: Runtime, auth: Auth, sessions: AdminSessions
 ) -> None:
     page = SettingsPage(runtime, auth, sessions)
+    app.router.add_get("/", root)
     app.router.add_get(PAGE, login_required(page.page))
     app.router.add_get(LOGIN, page.login_form)
     app.router.add_post(LOGIN, page.login)
