@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from connector.settings.secrets import new_token
 
 EXIT_CONFIG = 2
 EXIT_CREDENTIALS = 3
+EXIT_LISTEN = 1
 IMPORT_BATCH = 500
 # Shipped in the package (the checkout's top-level settings.example.toml links to it), so that
 # `connector init` works from a wheel too.
@@ -102,6 +104,23 @@ async def _freeze_startup_objects(_app: web.Application) -> None:
     gc.freeze()
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, or exit with one line saying why it cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        # create_server's message repeats the address; the errno's text alone does not (a
+        # negative errno is the resolver's, with no text of its own).
+        if exc.errno and exc.errno > 0:
+            reason = os.strerror(exc.errno)
+        else:
+            reason = (exc.strerror or str(exc)).partition(" (while attempting")[0]
+        reason = reason.lower()
+        click.echo(f"error: cannot listen on {host}:{port}: {reason}", err=True)
+        sys.exit(EXIT_LISTEN)
+
+
 @main.command()
 @click.pass_context
 def serve(ctx: click.Context) -> None:
@@ -109,6 +128,8 @@ def serve(ctx: click.Context) -> None:
     from connector.web.app import create_app
 
     config = _load(ctx)
+    # Bound before anything starts, so that a port in use runs no migration and no sync.
+    sock = _listen(config.server.host, config.server.port)
     setup_logging()
     url = f"http://{config.server.host}:{config.server.port}"
     click.echo(f"Connector listening on {url} (status: {url}/status, admin API: {url}/api/)")
@@ -116,13 +137,7 @@ def serve(ctx: click.Context) -> None:
     app = create_app(config)
     app.on_startup.append(_freeze_startup_objects)
     try:
-        web.run_app(
-            app,
-            host=config.server.host,
-            port=config.server.port,
-            print=None,
-            access_log=None,
-        )
+        web.run_app(app, sock=sock, print=None, access_log=None)
     except DatabaseNotMigrated as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

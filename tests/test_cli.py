@@ -12,11 +12,14 @@ import importlib.metadata
 import json
 import os
 import re
+import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from sqlalchemy import select
 
@@ -248,6 +251,62 @@ async def test_cli_missing_config_file_exits_2(tmp_path):
     result = await run_cli(tmp_path / "nowhere.toml", "migrate")
     assert result.code == 2
     assert "no such file" in result.stderr
+
+
+# -- serve --------------------------------------------------------------------------------
+
+
+def serve_settings(tmp_path: Path, port: int) -> Path:
+    """Settings of a ``serve`` on ``port`` with a fresh SQLite file (``serve`` migrates it)."""
+    return write_toml(
+        tmp_path / "settings.toml",
+        {
+            "server": {"port": port},
+            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'serve.db'}"},
+            "security": {"admin_password": ADMIN_PASSWORD, "ingest_token": INGEST_TOKEN},
+            "sync": {"scheduled": False},
+        },
+    )
+
+
+async def test_cli_serve_on_a_port_in_use_exits_1_with_one_line_and_starts_nothing(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        result = await run_cli(serve_settings(tmp_path, port), "serve")
+    assert result.code == 1
+    assert result.stderr == f"error: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert "listening" not in result.stdout
+    assert not (tmp_path / "serve.db").exists()
+
+
+async def test_cli_serve_answers_on_its_port_until_interrupted(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    config = serve_settings(tmp_path, port)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONNECTOR_")}
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "connector", "--config", str(config), "serve"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(CLI_TIMEOUT_SECONDS * 10):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                        status = resp.status
+                    break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("serve never answered")
+        assert status == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_SECONDS)
+    assert process.returncode == 0, stderr.decode()
 
 
 # -- migrate and import ------------------------------------------------------------------
