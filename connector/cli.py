@@ -18,7 +18,7 @@ import click
 from aiohttp import web
 from tqdm import tqdm
 
-from connector.config import Config, ConfigError, config_path, load_config
+from connector.config import Config, ConfigError, config_path, load_config, unknown_variables
 from connector.db import migrate as db_migrate
 from connector.inbound.gate import webhook_url
 from connector.notifications.parse import InvalidNotification, parse_notification
@@ -41,6 +41,8 @@ EXAMPLE_SETTINGS = Path(__file__).resolve().parent / "settings.example.toml"
 
 
 def _load(ctx: click.Context) -> Config:
+    for warning in unknown_variables(os.environ):
+        click.echo(f"warning: {warning}", err=True)
     try:
         return load_config(ctx.obj["config_path"])
     except ConfigError as exc:

@@ -92,9 +92,13 @@ def settings_file(tmp_path: Path, db_url: str, fake_cio):
     return write
 
 
-async def run_cli(config: Path, *args: str, cwd: Path | None = None) -> CliResult:
-    """``python -m connector --config CONFIG ARGS`` in a clean environment, awaited."""
+async def run_cli(
+    config: Path, *args: str, cwd: Path | None = None, environ: dict[str, str] | None = None
+) -> CliResult:
+    """``python -m connector --config CONFIG ARGS`` in a clean environment (plus ``environ``),
+    awaited."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONNECTOR_")}
+    env.update(environ or {})
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -230,6 +234,21 @@ async def test_cli_invalid_config_exits_2_naming_every_bad_key(tmp_path):
     ):
         assert key in result.stderr, key
     assert "Traceback" not in result.stderr
+
+
+async def test_cli_misspelt_variable_is_warned_about_and_the_command_runs(settings_file):
+    environ = {
+        "CONNECTOR_DATABSE_URL": "sqlite+aiosqlite:///elsewhere.db",
+        "CONNECTOR_TEST_ANYTHING": "1",
+        "CONNECTOR_UPDATE_SCREENSHOTS": "1",
+    }
+    result = await run_cli(settings_file(), "ingest-token", environ=environ)
+    assert result.code == 0, result.stderr
+    assert result.stdout.strip() == INGEST_TOKEN
+    assert result.stderr == (
+        "warning: CONNECTOR_DATABSE_URL names no setting and is ignored"
+        " (did you mean CONNECTOR_DATABASE_URL?)\n"
+    )
 
 
 async def test_cli_config_without_admin_password_exits_2(tmp_path):

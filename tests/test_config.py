@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from connector.config import ConfigError, apply_environment, load_config, parse_config
+from connector.config import (
+    ConfigError,
+    apply_environment,
+    load_config,
+    parse_config,
+    unknown_variables,
+)
 
 MINIMAL = {"security": {"admin_password": "long-enough"}}
 
@@ -117,3 +123,26 @@ def test_config_empty_generated_secret_means_generate(key):
     assert getattr(config.security, key) == ""
     with pytest.raises(ConfigError, match=f"security.{key}"):
         parse_config({"security": {"admin_password": "long-enough", key: "short"}})
+
+
+def test_config_unknown_variable_is_warned_about_with_the_closest_name():
+    environ = {"CONNECTOR_DATABSE_URL": "x", "CONNECTOR_NOTHING_LIKE_IT": "y", "HOME": "/"}
+    assert unknown_variables(environ) == [
+        "CONNECTOR_DATABSE_URL names no setting and is ignored"
+        " (did you mean CONNECTOR_DATABASE_URL?)",
+        "CONNECTOR_NOTHING_LIKE_IT names no setting and is ignored",
+    ]
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "CONNECTOR_CONFIG",
+        "CONNECTOR_TEST_POSTGRES_URL",
+        "CONNECTOR_UPDATE_SCREENSHOTS",
+        "CONNECTOR_SERVER_PORT",
+        "CONNECTOR_CONNECTOR_EVENTS_FILTER",
+    ],
+)
+def test_config_known_and_suite_variables_are_not_warned_about(variable):
+    assert unknown_variables({variable: "1"}) == []
