@@ -575,6 +575,30 @@ async def test_admin_status_panel_counts_syncs_and_webhooks(start_app):
     assert number(html, "deliveries-processed") == inbound["deliveries"]["processed"] > 0
 
 
+async def test_admin_forwarding_hint_names_the_full_batch_url(start_app):
+    client = await logged_in(start_app)
+    hint = field_html(await page_html(client), "forward_url")
+    assert "https://api.segment.io/v1/batch" in hint
+
+
+async def test_admin_webhooks_panel_names_unmatched_deliveries_and_events_once(start_app):
+    client = await logged_in(start_app)
+    anonymous = fixture("email_sent.json")
+    anonymous["data"] = {"subject": "Thanks for joining!"}
+    path = await webhook_path(client)
+    assert (await post_webhook(client, path, anonymous)).ok
+    inbound = await wait_processed(client, 1)
+    assert inbound["deliveries"] == {"unmatched": 1} and inbound["unmatched"] == 1
+    html = await page_html(client)
+    panel = html[html.index('id="webhooks"') : html.index('id="rotate-form"')]
+    labels = [unescape(label).strip() for label in re.findall(r"<dt>(.*?)</dt>", panel)]
+    assert labels == ["unmatched"]
+    assert number(panel, "deliveries-unmatched") == 1
+    assert "tracked events matched to no user" in panel
+    assert number(panel, "webhooks-unmatched") == 1
+    assert panel.lower().count("unmatched<") == 1
+
+
 async def test_admin_status_panel_lists_failed_users_with_their_reason(start_app, fake_cio):
     client = await logged_in(start_app, sync={"max_attempts": 1})
     fake_cio.fail_next(400, method="PUT")
