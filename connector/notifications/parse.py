@@ -100,6 +100,14 @@ def _text(value: Any) -> str | None:
     return None
 
 
+def unprefixed(path: str) -> str:
+    """The attribute key a path names: without a leading ``traits_`` (which stored attributes
+    never carry), so that ``traits_x`` and ``x`` are one attribute."""
+    if path.startswith(TRAITS_PREFIX) and len(path) > len(TRAITS_PREFIX):
+        return path[len(TRAITS_PREFIX) :]
+    return path
+
+
 def strip_traits_prefix(user: dict[str, Any]) -> dict[str, Any]:
     """Platform trait keys lose their ``traits_`` prefix; a plain key wins over a prefixed one."""
     out: dict[str, Any] = {}

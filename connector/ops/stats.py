@@ -17,6 +17,7 @@ from connector.db.models import (
     User,
     WebhookDelivery,
 )
+from connector.notifications.parse import unprefixed
 from connector.ops.quarantine import quarantined
 from connector.ops.status import CredentialStatusStore, Status, compute_status
 from connector.settings.store import SettingsStore
@@ -64,7 +65,7 @@ async def catalog(session: AsyncSession) -> dict[str, Any]:
         "segments": [
             {"id": e.key, "name": e.label or e.key} for e in entries if e.kind == "segment"
         ],
-        "attributes": [e.key for e in entries if e.kind == "attribute"],
+        "attributes": sorted({unprefixed(e.key) for e in entries if e.kind == "attribute"}),
         "events": events,
     }
 

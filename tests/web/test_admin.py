@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from multidict import MultiDict
 
+from connector.db.models import CatalogEntry
+from connector.db.types import utcnow
 from connector.web.admin.views import form_patch
 from connector.web.keys import runtime_key
 from connector.web.security import SESSION_COOKIE, LoginThrottle
@@ -573,6 +575,28 @@ async def test_admin_status_panel_counts_syncs_and_webhooks(start_app):
     inbound = await (await client.get("/api/inbound/stats", headers=ADMIN)).json()
     assert number(html, "webhooks-unmatched") == inbound["unmatched"]
     assert number(html, "deliveries-processed") == inbound["deliveries"]["processed"] > 0
+
+
+async def test_admin_attribute_picker_shows_a_traits_attribute_once(start_app):
+    client = await logged_in(
+        start_app, connector={"synchronized_attributes": ["traits_salesforce_lead/title"]}
+    )
+    # A key stored with its prefix, as a catalog written before the prefix was dropped holds.
+    async with client.app[runtime_key].sessionmaker() as session, session.begin():
+        session.add(CatalogEntry(kind="attribute", key="traits_plan", last_seen_at=utcnow()))
+    user = message("u1", external_id="42")
+    user["user"].update({"traits_salesforce_lead/title": "CTO", "traits_plan": "pro", "plan": "x"})
+    resp = await client.post("/smart-notifier", json=notification(user), headers=INGEST)
+    assert resp.status == 200
+    catalog = await (await client.get("/api/catalog", headers=ADMIN)).json()
+    assert catalog["attributes"].count("plan") == 1 and "traits_plan" not in catalog["attributes"]
+    picker = field_html(await page_html(client), "synchronized_attributes")
+    values = re.findall(r'name="synchronized_attributes" value="([^"]*)"', picker)
+    assert values.count("traits_salesforce_lead/title") == 1
+    assert "salesforce_lead/title" not in values
+    assert values.count("plan") == 1 and "traits_plan" not in values
+    ticked = picker[: picker.index("traits_salesforce_lead/title")]
+    assert "not seen yet" not in picker[len(ticked) : picker.index("</label>", len(ticked))]
 
 
 async def test_admin_forwarding_hint_names_the_full_batch_url(start_app):
