@@ -17,9 +17,9 @@ from connector.db.models import (
     User,
     WebhookDelivery,
 )
-from connector.notifications.parse import unprefixed
 from connector.ops.quarantine import quarantined
 from connector.ops.status import CredentialStatusStore, Status, compute_status
+from connector.rules.traits import unprefixed
 from connector.settings.store import SettingsStore
 
 PAGE_EVENT = "page"

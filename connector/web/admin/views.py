@@ -14,9 +14,9 @@ from marshmallow import ValidationError
 from multidict import MultiDictProxy
 
 from connector.inbound.gate import webhook_url
-from connector.notifications.parse import unprefixed
 from connector.ops import quarantine, stats
 from connector.outbound.sender import CredentialCheck
+from connector.rules.traits import unprefixed
 from connector.runtime import Runtime
 from connector.settings.model import SECRET_FIELDS
 from connector.web.auth import Auth
