@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import os
 import secrets
 import socket
@@ -23,7 +24,7 @@ from connector.db import migrate as db_migrate
 from connector.inbound.gate import webhook_url
 from connector.notifications.parse import InvalidNotification, parse_notification
 from connector.notifications.store import store_messages
-from connector.ops.logs import setup_logging
+from connector.ops.logs import ACCESS_LOGGER, setup_logging
 from connector.ops.quarantine import retry_failed
 from connector.outbound.operations import DeleteCustomer, Identify, Operation, UserPlan
 from connector.outbound.sender import DryRunSender
@@ -139,7 +140,8 @@ def serve(ctx: click.Context) -> None:
     app = create_app(config)
     app.on_startup.append(_freeze_startup_objects)
     try:
-        web.run_app(app, sock=sock, print=None, access_log=None)
+        access_log = logging.getLogger(ACCESS_LOGGER) if config.server.access_log else None
+        web.run_app(app, sock=sock, print=None, access_log=access_log)
     except DatabaseNotMigrated as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

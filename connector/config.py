@@ -36,6 +36,8 @@ class ServerConfig:
     port: int = 8080
     public_url: str = ""
     """Base of the generated webhook URL; empty means ``http://{host}:{port}``."""
+    access_log: bool = False
+    """Log every HTTP request (aiohttp's access log, as JSON lines)."""
 
     def __post_init__(self) -> None:
         if not self.public_url:
@@ -109,6 +111,7 @@ class ServerSchema(_SectionSchema):
     host = fields.String(validate=validate.Length(min=1))
     port = fields.Integer(validate=validate.Range(min=1, max=65535))
     public_url = fields.Url(require_tld=False, schemes={"http", "https"})
+    access_log = fields.Boolean()
 
 
 class DatabaseSchema(_SectionSchema):

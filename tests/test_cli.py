@@ -275,12 +275,12 @@ async def test_cli_missing_config_file_exits_2(tmp_path):
 # -- serve --------------------------------------------------------------------------------
 
 
-def serve_settings(tmp_path: Path, port: int) -> Path:
+def serve_settings(tmp_path: Path, port: int, **server: Any) -> Path:
     """Settings of a ``serve`` on ``port`` with a fresh SQLite file (``serve`` migrates it)."""
     return write_toml(
         tmp_path / "settings.toml",
         {
-            "server": {"port": port},
+            "server": {"port": port, **server},
             "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'serve.db'}"},
             "security": {"admin_password": ADMIN_PASSWORD, "ingest_token": INGEST_TOKEN},
             "sync": {"scheduled": False},
@@ -298,10 +298,16 @@ async def test_cli_serve_on_a_port_in_use_exits_1_with_one_line_and_starts_nothi
     assert not (tmp_path / "serve.db").exists()
 
 
-async def test_cli_serve_answers_on_its_port_until_interrupted(tmp_path):
+def access_lines(stderr: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [line for line in lines if line["logger"] == "aiohttp.access"]
+
+
+@pytest.mark.parametrize("access_log", [False, True], ids=["quiet", "access-log"])
+async def test_cli_serve_answers_on_its_port_until_interrupted(tmp_path, access_log):
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]
-    config = serve_settings(tmp_path, port)
+    config = serve_settings(tmp_path, port, access_log=access_log)
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONNECTOR_")}
     process = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "connector", "--config", str(config), "serve"),
@@ -326,6 +332,14 @@ async def test_cli_serve_answers_on_its_port_until_interrupted(tmp_path):
         process.send_signal(signal.SIGINT)
         _, stderr = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_SECONDS)
     assert process.returncode == 0, stderr.decode()
+    requests = access_lines(stderr.decode())
+    if access_log:
+        assert any(
+            "GET /healthz" in line["message"] and line["level"] == "INFO" for line in requests
+        )
+        assert all(line["time"].endswith("Z") for line in requests)
+    else:
+        assert requests == []
 
 
 # -- migrate and import ------------------------------------------------------------------
