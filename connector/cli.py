@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +19,12 @@ import click
 from aiohttp import web
 from tqdm import tqdm
 
-from connector.config import Config, ConfigError, config_path, load_config
+from connector.config import Config, ConfigError, config_path, load_config, unknown_variables
 from connector.db import migrate as db_migrate
 from connector.inbound.gate import webhook_url
 from connector.notifications.parse import InvalidNotification, parse_notification
 from connector.notifications.store import store_messages
-from connector.ops.logs import setup_logging
+from connector.ops.logs import ACCESS_LOGGER, setup_logging
 from connector.ops.quarantine import retry_failed
 from connector.outbound.operations import DeleteCustomer, Identify, Operation, UserPlan
 from connector.outbound.sender import DryRunSender
@@ -32,6 +34,7 @@ from connector.settings.secrets import new_token
 
 EXIT_CONFIG = 2
 EXIT_CREDENTIALS = 3
+EXIT_LISTEN = 1
 IMPORT_BATCH = 500
 # Shipped in the package (the checkout's top-level settings.example.toml links to it), so that
 # `connector init` works from a wheel too.
@@ -39,6 +42,8 @@ EXAMPLE_SETTINGS = Path(__file__).resolve().parent / "settings.example.toml"
 
 
 def _load(ctx: click.Context) -> Config:
+    for warning in unknown_variables(os.environ):
+        click.echo(f"warning: {warning}", err=True)
     try:
         return load_config(ctx.obj["config_path"])
     except ConfigError as exc:
@@ -57,6 +62,7 @@ def _run(coroutine: Any) -> Any:
 
 
 @click.group()
+@click.version_option(package_name="customerio-connector", prog_name="connector")
 @click.option(
     "--config",
     "config_file",
@@ -101,6 +107,23 @@ async def _freeze_startup_objects(_app: web.Application) -> None:
     gc.freeze()
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, or exit with one line saying why it cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        # create_server's message repeats the address; the errno's text alone does not (a
+        # negative errno is the resolver's, with no text of its own).
+        if exc.errno and exc.errno > 0:
+            reason = os.strerror(exc.errno)
+        else:
+            reason = (exc.strerror or str(exc)).partition(" (while attempting")[0]
+        reason = reason.lower()
+        click.echo(f"error: cannot listen on {host}:{port}: {reason}", err=True)
+        sys.exit(EXIT_LISTEN)
+
+
 @main.command()
 @click.pass_context
 def serve(ctx: click.Context) -> None:
@@ -108,6 +131,8 @@ def serve(ctx: click.Context) -> None:
     from connector.web.app import create_app
 
     config = _load(ctx)
+    # Bound before anything starts, so that a port in use runs no migration and no sync.
+    sock = _listen(config.server.host, config.server.port)
     setup_logging()
     url = f"http://{config.server.host}:{config.server.port}"
     click.echo(f"Connector listening on {url} (status: {url}/status, admin API: {url}/api/)")
@@ -115,13 +140,8 @@ def serve(ctx: click.Context) -> None:
     app = create_app(config)
     app.on_startup.append(_freeze_startup_objects)
     try:
-        web.run_app(
-            app,
-            host=config.server.host,
-            port=config.server.port,
-            print=None,
-            access_log=None,
-        )
+        access_log = logging.getLogger(ACCESS_LOGGER) if config.server.access_log else None
+        web.run_app(app, sock=sock, print=None, access_log=access_log)
     except DatabaseNotMigrated as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

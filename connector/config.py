@@ -6,8 +6,10 @@ import time, so tests and the CLI can build as many configurations as they like.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,7 +34,15 @@ class ConfigError(Exception):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    public_url: str = "http://127.0.0.1:8080"
+    public_url: str = ""
+    """Base of the generated webhook URL; empty means ``http://{host}:{port}``."""
+    access_log: bool = False
+    """Log every HTTP request (aiohttp's access log, as JSON lines)."""
+
+    def __post_init__(self) -> None:
+        if not self.public_url:
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            object.__setattr__(self, "public_url", f"http://{host}:{self.port}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,7 @@ class ServerSchema(_SectionSchema):
     host = fields.String(validate=validate.Length(min=1))
     port = fields.Integer(validate=validate.Range(min=1, max=65535))
     public_url = fields.Url(require_tld=False, schemes={"http", "https"})
+    access_log = fields.Boolean()
 
 
 class DatabaseSchema(_SectionSchema):
@@ -198,22 +209,51 @@ def _connector_fields() -> Mapping[str, fields.Field]:
     return ConnectorSettingsSchema().fields
 
 
+def _variables() -> dict[str, tuple[str, str, fields.Field]]:
+    """Every ``CONNECTOR_<SECTION>_<KEY>`` name, with the section, key and field it sets."""
+    known: dict[str, Mapping[str, fields.Field]] = {
+        name: schema().fields for name, schema in SECTIONS.items()
+    }
+    known["connector"] = _connector_fields()
+    return {
+        f"{ENV_PREFIX}{section}_{key}".upper(): (section, key, field_obj)
+        for section, section_fields in known.items()
+        for key, field_obj in section_fields.items()
+    }
+
+
 def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Overlay ``CONNECTOR_<SECTION>_<KEY>`` variables on the TOML data."""
     merged = {
         name: dict(value) if isinstance(value, dict) else value for name, value in raw.items()
     }
-    known: dict[str, Mapping[str, fields.Field]] = {
-        name: schema().fields for name, schema in SECTIONS.items()
-    }
-    known["connector"] = _connector_fields()
-    for section, section_fields in known.items():
-        for key, field_obj in section_fields.items():
-            env_name = f"{ENV_PREFIX}{section}_{key}".upper()
-            if env_name in environ:
-                value = _env_value(environ[env_name], field_obj)
-                merged.setdefault(section, {})[key] = value
+    for env_name, (section, key, field_obj) in _variables().items():
+        if env_name in environ:
+            merged.setdefault(section, {})[key] = _env_value(environ[env_name], field_obj)
     return merged
+
+
+# Variables of the prefix that are no setting: the file's path, and the test suite's own.
+_NOT_SETTINGS = re.compile(rf"^{ENV_PREFIX}(CONFIG|UPDATE_SCREENSHOTS|TEST_.*)$")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ``CONNECTOR_*`` variable that sets nothing (a misspelt name is
+    otherwise silently ignored), naming the closest known one if there is one."""
+    known = _variables()
+    suffixes = [name.removeprefix(ENV_PREFIX) for name in known]
+    warnings: list[str] = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known or _NOT_SETTINGS.match(name):
+            continue
+        warning = f"{name} names no setting and is ignored"
+        # Compared without the prefix, which every name shares and which would make any two
+        # names look alike.
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1)
+        if close:
+            warning += f" (did you mean {ENV_PREFIX}{close[0]}?)"
+        warnings.append(warning)
+    return warnings
 
 
 def _flatten(messages: Any, prefix: str = "") -> list[str]:

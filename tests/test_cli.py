@@ -8,14 +8,18 @@ at the fake Customer.io. The fake serves on this test's event loop, so the CLI i
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import os
 import re
+import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from sqlalchemy import select
 
@@ -88,9 +92,13 @@ def settings_file(tmp_path: Path, db_url: str, fake_cio):
     return write
 
 
-async def run_cli(config: Path, *args: str, cwd: Path | None = None) -> CliResult:
-    """``python -m connector --config CONFIG ARGS`` in a clean environment, awaited."""
+async def run_cli(
+    config: Path, *args: str, cwd: Path | None = None, environ: dict[str, str] | None = None
+) -> CliResult:
+    """``python -m connector --config CONFIG ARGS`` in a clean environment (plus ``environ``),
+    awaited."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONNECTOR_")}
+    env.update(environ or {})
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -152,6 +160,13 @@ async def import_good_users(settings: Path, tmp_path: Path) -> None:
 
 
 # -- init and configuration --------------------------------------------------------------
+
+
+async def test_cli_version_prints_the_package_version(tmp_path):
+    result = await run_cli(tmp_path / "settings.toml", "--version")
+    assert result.code == 0, result.stderr
+    assert result.stdout.strip().endswith(importlib.metadata.version("customerio-connector"))
+    assert result.stdout.startswith("connector")
 
 
 async def test_cli_init_writes_settings_with_a_generated_password(tmp_path):
@@ -221,6 +236,21 @@ async def test_cli_invalid_config_exits_2_naming_every_bad_key(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+async def test_cli_misspelt_variable_is_warned_about_and_the_command_runs(settings_file):
+    environ = {
+        "CONNECTOR_DATABSE_URL": "sqlite+aiosqlite:///elsewhere.db",
+        "CONNECTOR_TEST_ANYTHING": "1",
+        "CONNECTOR_UPDATE_SCREENSHOTS": "1",
+    }
+    result = await run_cli(settings_file(), "ingest-token", environ=environ)
+    assert result.code == 0, result.stderr
+    assert result.stdout.strip() == INGEST_TOKEN
+    assert result.stderr == (
+        "warning: CONNECTOR_DATABSE_URL names no setting and is ignored"
+        " (did you mean CONNECTOR_DATABASE_URL?)\n"
+    )
+
+
 async def test_cli_config_without_admin_password_exits_2(tmp_path):
     config = write_toml(tmp_path / "settings.toml", {"server": {"port": 8081}})
     result = await run_cli(config, "sync", "--dry-run")
@@ -240,6 +270,76 @@ async def test_cli_missing_config_file_exits_2(tmp_path):
     result = await run_cli(tmp_path / "nowhere.toml", "migrate")
     assert result.code == 2
     assert "no such file" in result.stderr
+
+
+# -- serve --------------------------------------------------------------------------------
+
+
+def serve_settings(tmp_path: Path, port: int, **server: Any) -> Path:
+    """Settings of a ``serve`` on ``port`` with a fresh SQLite file (``serve`` migrates it)."""
+    return write_toml(
+        tmp_path / "settings.toml",
+        {
+            "server": {"port": port, **server},
+            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'serve.db'}"},
+            "security": {"admin_password": ADMIN_PASSWORD, "ingest_token": INGEST_TOKEN},
+            "sync": {"scheduled": False},
+        },
+    )
+
+
+async def test_cli_serve_on_a_port_in_use_exits_1_with_one_line_and_starts_nothing(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        result = await run_cli(serve_settings(tmp_path, port), "serve")
+    assert result.code == 1
+    assert result.stderr == f"error: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert "listening" not in result.stdout
+    assert not (tmp_path / "serve.db").exists()
+
+
+def access_lines(stderr: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [line for line in lines if line["logger"] == "aiohttp.access"]
+
+
+@pytest.mark.parametrize("access_log", [False, True], ids=["quiet", "access-log"])
+async def test_cli_serve_answers_on_its_port_until_interrupted(tmp_path, access_log):
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    config = serve_settings(tmp_path, port, access_log=access_log)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONNECTOR_")}
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "connector", "--config", str(config), "serve"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(CLI_TIMEOUT_SECONDS * 10):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                        status = resp.status
+                    break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("serve never answered")
+        assert status == 200
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_SECONDS)
+    assert process.returncode == 0, stderr.decode()
+    requests = access_lines(stderr.decode())
+    if access_log:
+        assert any(
+            "GET /healthz" in line["message"] and line["level"] == "INFO" for line in requests
+        )
+        assert all(line["time"].endswith("Z") for line in requests)
+    else:
+        assert requests == []
 
 
 # -- migrate and import ------------------------------------------------------------------
@@ -416,6 +516,14 @@ async def test_cli_webhook_url_prints_and_rotates(settings_file):
     assert first.code == again.code == rotated.code == 0
     assert first.stdout.startswith("http://127.0.0.1:8080/webhook?conf=")
     assert first.stdout == again.stdout != rotated.stdout
+
+
+async def test_cli_webhook_url_follows_the_port_without_a_public_url(settings_file):
+    config = settings_file()
+    config.write_text(config.read_text(encoding="utf-8") + "[server]\nport = 9000\n")
+    result = await run_cli(config, "webhook-url")
+    assert result.code == 0, result.stderr
+    assert result.stdout.startswith("http://127.0.0.1:9000/webhook?conf=")
 
 
 async def test_cli_retry_failed_makes_quarantined_records_pending(settings_file, db_url):

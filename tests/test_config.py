@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from connector.config import ConfigError, apply_environment, load_config, parse_config
+from connector.config import (
+    ConfigError,
+    apply_environment,
+    load_config,
+    parse_config,
+    unknown_variables,
+)
 
 MINIMAL = {"security": {"admin_password": "long-enough"}}
 
@@ -20,6 +26,24 @@ def test_config_defaults_follow_the_spec():
     assert config.sync.max_attempts == 10
     assert config.inbound.retention_days == 30
     assert config.customerio.track_host == ""
+
+
+@pytest.mark.parametrize(
+    ("server", "expected"),
+    [
+        ({"port": 9000}, "http://127.0.0.1:9000"),
+        ({"host": "0.0.0.0", "port": 9000}, "http://0.0.0.0:9000"),
+        ({"host": "::1", "port": 9000}, "http://[::1]:9000"),
+        ({"port": 9000, "public_url": "https://hooks.example.com"}, "https://hooks.example.com"),
+    ],
+)
+def test_config_public_url_follows_host_and_port_unless_set(server, expected):
+    assert parse_config({**MINIMAL, "server": server}).server.public_url == expected
+
+
+def test_config_public_url_follows_the_port_from_the_environment():
+    config = parse_config(apply_environment(MINIMAL, {"CONNECTOR_SERVER_PORT": "9001"}))
+    assert config.server.public_url == "http://127.0.0.1:9001"
 
 
 def test_config_reports_every_error_at_once_with_key_names():
@@ -99,3 +123,26 @@ def test_config_empty_generated_secret_means_generate(key):
     assert getattr(config.security, key) == ""
     with pytest.raises(ConfigError, match=f"security.{key}"):
         parse_config({"security": {"admin_password": "long-enough", key: "short"}})
+
+
+def test_config_unknown_variable_is_warned_about_with_the_closest_name():
+    environ = {"CONNECTOR_DATABSE_URL": "x", "CONNECTOR_NOTHING_LIKE_IT": "y", "HOME": "/"}
+    assert unknown_variables(environ) == [
+        "CONNECTOR_DATABSE_URL names no setting and is ignored"
+        " (did you mean CONNECTOR_DATABASE_URL?)",
+        "CONNECTOR_NOTHING_LIKE_IT names no setting and is ignored",
+    ]
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "CONNECTOR_CONFIG",
+        "CONNECTOR_TEST_POSTGRES_URL",
+        "CONNECTOR_UPDATE_SCREENSHOTS",
+        "CONNECTOR_SERVER_PORT",
+        "CONNECTOR_CONNECTOR_EVENTS_FILTER",
+    ],
+)
+def test_config_known_and_suite_variables_are_not_warned_about(variable):
+    assert unknown_variables({variable: "1"}) == []

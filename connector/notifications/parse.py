@@ -13,8 +13,8 @@ from typing import Any
 
 from connector.rules import safe_json
 from connector.rules.dates import to_unix_seconds
+from connector.rules.traits import unprefixed
 
-TRAITS_PREFIX = "traits_"
 # The widths of the columns these are stored in (users.id, users.email, user_events.*).
 MAX_ID_LENGTH = 255
 MAX_EMAIL_LENGTH = 320
@@ -104,8 +104,8 @@ def strip_traits_prefix(user: dict[str, Any]) -> dict[str, Any]:
     """Platform trait keys lose their ``traits_`` prefix; a plain key wins over a prefixed one."""
     out: dict[str, Any] = {}
     for key, value in user.items():
-        if key.startswith(TRAITS_PREFIX) and len(key) > len(TRAITS_PREFIX):
-            out.setdefault(key[len(TRAITS_PREFIX) :], value)
+        if unprefixed(key) != key:
+            out.setdefault(unprefixed(key), value)
         else:
             out[key] = value
     return out

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC, datetime
 
 from pythonjsonlogger.json import JsonFormatter
+
+ACCESS_LOGGER = "aiohttp.access"
+"""aiohttp's access log; ``serve`` passes it on when ``server.access_log`` is on."""
+
+
+class _UTCJsonFormatter(JsonFormatter):
+    """Times in ISO 8601 UTC with milliseconds (``2024-05-01T12:00:00.123Z``), whatever the
+    host's time zone, so that lines of several instances sort and compare."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        moment = datetime.fromtimestamp(record.created, UTC)
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter(
+        _UTCJsonFormatter(
             "%(asctime)s %(levelname)s %(name)s %(message)s",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
         )

@@ -20,6 +20,7 @@ from connector.db.models import (
 from connector.db.sync_state import SyncStatus, failed_for_good
 from connector.ops.quarantine import quarantined
 from connector.ops.status import CredentialStatusStore, Status, compute_status
+from connector.rules.traits import unprefixed
 from connector.settings.store import SettingsStore
 
 PAGE_EVENT = "page"
@@ -65,7 +66,7 @@ async def catalog(session: AsyncSession) -> dict[str, Any]:
         "segments": [
             {"id": e.key, "name": e.label or e.key} for e in entries if e.kind == "segment"
         ],
-        "attributes": [e.key for e in entries if e.kind == "attribute"],
+        "attributes": sorted({unprefixed(e.key) for e in entries if e.kind == "attribute"}),
         "events": events,
     }
 

@@ -17,6 +17,7 @@ CREDENTIALS_KEY = "credentials_status"
 CALL_FAILURES_KEY = "track_call_failures"
 CALL_FAILURE_WINDOW = timedelta(minutes=5)
 """Failing Track API calls show on ``/status`` for this long after the last one was recorded."""
+INVALID_CREDENTIALS = "Invalid credentials"
 CONNECT_ERROR = "Error when trying to connect with Customer.io"
 """Hull's own connector's words for a credential check Customer.io could not answer."""
 
@@ -55,6 +56,14 @@ def _superseded(last_run_at: datetime | None, credentials: dict[str, Any] | None
     return last_run_at is not None and checked is not None and checked > last_run_at
 
 
+def _prefixed(prefix: str, reason: str) -> str:
+    """``prefix: reason``, or the reason alone when it already says the prefix (the credential
+    check's reason for a 401 is "Invalid credentials" itself)."""
+    if reason.lower().startswith(prefix.lower()):
+        return reason
+    return f"{prefix}: {reason}"
+
+
 def compute_status(
     settings: ConnectorSettings,
     credentials: dict[str, Any] | None,
@@ -82,9 +91,9 @@ def compute_status(
     if not settings.has_credentials:
         warnings.append("Customer.io credentials are missing: set site_id and api_key")
     elif state == "invalid":
-        errors.append(f"Invalid credentials: {reason or 'Customer.io said 401'}")
+        errors.append(_prefixed(INVALID_CREDENTIALS, reason or "Customer.io said 401"))
     elif state == "unreachable":
-        errors.append(f"{CONNECT_ERROR}: {reason or 'no answer'}")
+        errors.append(_prefixed(CONNECT_ERROR, reason or "no answer"))
     if not settings.synchronized_segments:
         warnings.append("No whitelisted segment: only users sent through /batch are synced")
     if (

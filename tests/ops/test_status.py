@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from connector.ops.status import CONNECT_ERROR, compute_status
+from connector.settings.model import ConnectorSettings
 from connector.web.keys import runtime_key
 
 from ..helpers import message
@@ -89,3 +93,23 @@ async def test_status_invalid_credentials_go_once_new_ones_are_saved(start_app, 
     await configure(client, api_key=fake_cio.api_key)
 
     assert await get_status(client) == {"status": "ok", "messages": []}
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "expected"),
+    [
+        ("invalid", "Invalid credentials", "Invalid credentials"),
+        ("invalid", "Customer.io answered 401", "Invalid credentials: Customer.io answered 401"),
+        ("invalid", None, "Invalid credentials: Customer.io said 401"),
+        ("unreachable", f"{CONNECT_ERROR}: timed out", f"{CONNECT_ERROR}: timed out"),
+        (
+            "unreachable",
+            "HTTP 503 Service Unavailable",
+            f"{CONNECT_ERROR}: HTTP 503 Service Unavailable",
+        ),
+    ],
+)
+def test_status_credential_reason_does_not_repeat_its_prefix(state, reason, expected):
+    settings = ConnectorSettings(site_id="s", api_key="k", synchronized_segments=("seg",))
+    status = compute_status(settings, {"state": state, "reason": reason}, None, 0)
+    assert status.messages == [expected]

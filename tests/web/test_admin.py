@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from multidict import MultiDict
 
+from connector.db.models import CatalogEntry
+from connector.db.types import utcnow
 from connector.web.admin.views import form_patch
 from connector.web.keys import runtime_key
 from connector.web.security import SESSION_COOKIE, LoginThrottle
@@ -152,6 +154,12 @@ def field_html(html: str, name: str) -> str:
 
 
 # Logging in
+
+
+async def test_admin_root_redirects_to_the_settings_page(start_app):
+    client = await start_app()
+    resp = await client.get("/", allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"] == "/admin"
 
 
 async def test_admin_login_page_sets_an_httponly_lax_session_cookie(start_app):
@@ -567,6 +575,52 @@ async def test_admin_status_panel_counts_syncs_and_webhooks(start_app):
     inbound = await (await client.get("/api/inbound/stats", headers=ADMIN)).json()
     assert number(html, "webhooks-unmatched") == inbound["unmatched"]
     assert number(html, "deliveries-processed") == inbound["deliveries"]["processed"] > 0
+
+
+async def test_admin_attribute_picker_shows_a_traits_attribute_once(start_app):
+    client = await logged_in(
+        start_app, connector={"synchronized_attributes": ["traits_salesforce_lead/title"]}
+    )
+    # A key stored with its prefix, as a catalog written before the prefix was dropped holds.
+    async with client.app[runtime_key].sessionmaker() as session, session.begin():
+        session.add(CatalogEntry(kind="attribute", key="traits_plan", last_seen_at=utcnow()))
+    user = message("u1", external_id="42")
+    user["user"].update({"traits_salesforce_lead/title": "CTO", "traits_plan": "pro", "plan": "x"})
+    resp = await client.post("/smart-notifier", json=notification(user), headers=INGEST)
+    assert resp.status == 200
+    catalog = await (await client.get("/api/catalog", headers=ADMIN)).json()
+    assert catalog["attributes"].count("plan") == 1 and "traits_plan" not in catalog["attributes"]
+    picker = field_html(await page_html(client), "synchronized_attributes")
+    values = re.findall(r'name="synchronized_attributes" value="([^"]*)"', picker)
+    assert values.count("traits_salesforce_lead/title") == 1
+    assert "salesforce_lead/title" not in values
+    assert values.count("plan") == 1 and "traits_plan" not in values
+    ticked = picker[: picker.index("traits_salesforce_lead/title")]
+    assert "not seen yet" not in picker[len(ticked) : picker.index("</label>", len(ticked))]
+
+
+async def test_admin_forwarding_hint_names_the_full_batch_url(start_app):
+    client = await logged_in(start_app)
+    hint = field_html(await page_html(client), "forward_url")
+    assert "https://api.segment.io/v1/batch" in hint
+
+
+async def test_admin_webhooks_panel_names_unmatched_deliveries_and_events_once(start_app):
+    client = await logged_in(start_app)
+    anonymous = fixture("email_sent.json")
+    anonymous["data"] = {"subject": "Thanks for joining!"}
+    path = await webhook_path(client)
+    assert (await post_webhook(client, path, anonymous)).ok
+    inbound = await wait_processed(client, 1)
+    assert inbound["deliveries"] == {"unmatched": 1} and inbound["unmatched"] == 1
+    html = await page_html(client)
+    panel = html[html.index('id="webhooks"') : html.index('id="rotate-form"')]
+    labels = [unescape(label).strip() for label in re.findall(r"<dt>(.*?)</dt>", panel)]
+    assert labels == ["unmatched"]
+    assert number(panel, "deliveries-unmatched") == 1
+    assert "tracked events matched to no user" in panel
+    assert number(panel, "webhooks-unmatched") == 1
+    assert panel.lower().count("unmatched<") == 1
 
 
 async def test_admin_status_panel_lists_failed_users_with_their_reason(start_app, fake_cio):

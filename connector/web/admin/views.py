@@ -16,6 +16,7 @@ from multidict import MultiDictProxy
 from connector.inbound.gate import webhook_url
 from connector.ops import quarantine, stats
 from connector.outbound.sender import CredentialCheck
+from connector.rules.traits import unprefixed
 from connector.runtime import Runtime
 from connector.settings.model import SECRET_FIELDS
 from connector.web.auth import Auth
@@ -51,6 +52,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _see_other(location: str) -> web.HTTPSeeOther:
     return web.HTTPSeeOther(location)
+
+
+async def root(request: web.Request) -> web.StreamResponse:
+    """A newcomer opening the service's address lands on the settings page."""
+    raise web.HTTPFound(PAGE)
 
 
 class UnreadableForm(Exception):
@@ -116,13 +122,20 @@ class Choice:
     """False for a stored value the platform has not sent (yet)."""
 
 
-def _choices(options: Iterable[tuple[str, str]], selected: Iterable[str]) -> list[Choice]:
+def _choices(
+    options: Iterable[tuple[str, str]],
+    selected: Iterable[str],
+    same: Callable[[str], str] = str,
+) -> list[Choice]:
     """Ticked values first, in their stored order (saving the form unchanged changes nothing),
-    then the rest of what the platform has sent."""
+    then the rest of what the platform has sent; values with the same ``same(value)`` are one
+    choice (a ticked ``traits_x`` is the ``x`` the platform sent)."""
     known = dict(options)
+    seen = {same(v) for v in known}
     chosen = list(dict.fromkeys(selected))
-    ticked = [Choice(v, known.get(v, v), True, seen=v in known) for v in chosen]
-    rest = [Choice(v, label, False) for v, label in known.items() if v not in chosen]
+    taken = {same(v) for v in chosen}
+    ticked = [Choice(v, known.get(v, v), True, seen=same(v) in seen) for v in chosen]
+    rest = [Choice(v, label, False) for v, label in known.items() if same(v) not in taken]
     return ticked + rest
 
 
@@ -264,7 +277,9 @@ class SettingsPage:
                 ((s["id"], s["name"]) for s in catalog["segments"]), values["synchronized_segments"]
             ),
             "attributes": _choices(
-                ((a, a) for a in catalog["attributes"]), values["synchronized_attributes"]
+                ((a, a) for a in catalog["attributes"]),
+                values["synchronized_attributes"],
+                same=unprefixed,
             ),
             "events": _choices(((e, e) for e in catalog["events"]), values["events_filter"]),
             "all_metrics": metrics is None,
@@ -351,6 +366,7 @@ def setup_routes(
     app: web.Application, runtime: Runtime, auth: Auth, sessions: AdminSessions
 ) -> None:
     page = SettingsPage(runtime, auth, sessions)
+    app.router.add_get("/", root)
     app.router.add_get(PAGE, login_required(page.page))
     app.router.add_get(LOGIN, page.login_form)
     app.router.add_post(LOGIN, page.login)
