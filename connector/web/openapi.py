@@ -33,8 +33,8 @@ platform's endpoints (`/smart-notifier`, `/batch`), Customer.io's reporting-webh
 (`/webhook`) and the probes (`/healthz`, `/readyz`, `/status`, `/metrics`).
 
 The settings page (`/admin`, `/admin/login`, `/admin/logout` and the page's form posts under
-`/admin/*`) and its static files (`/static/admin/*`) are HTML for a browser and are not
-described here.
+`/admin/*`), its static files (`/static/admin/*`) and `/` (a redirect to the page) are HTML
+for a browser and are not described here.
 
 Every error is JSON `{"error": "…"}` (the settings PATCH's validation errors are
 `{"errors": {field: [message]}}`). Any route answers `404` when unknown, `405` with `Allow` for

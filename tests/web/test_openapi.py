@@ -149,7 +149,8 @@ def app_operations(app: web.Application) -> set[tuple[str, str]]:
         path = route.resource.canonical if route.resource is not None else ""
         if route.method == "HEAD" or isinstance(route.resource, web.StaticResource):
             continue
-        if path == PAGE_PREFIX or path.startswith(f"{PAGE_PREFIX}/"):
+        # The settings page, and "/" which only redirects to it.
+        if path in ("/", PAGE_PREFIX) or path.startswith(f"{PAGE_PREFIX}/"):
             continue
         operations.add((path, route.method.lower()))
     return operations
