@@ -24,6 +24,7 @@ from connector.db import migrate as db_migrate
 from connector.inbound.gate import webhook_url
 from connector.notifications.parse import InvalidNotification, parse_notification
 from connector.notifications.store import store_messages
+from connector.ops.audit import CLI_SOURCE, AuditAction
 from connector.ops.logs import ACCESS_LOGGER, setup_logging
 from connector.ops.quarantine import retry_failed
 from connector.outbound.operations import DeleteCustomer, Identify, Operation, UserPlan
@@ -328,7 +329,10 @@ def retry_failed_command(ctx: click.Context) -> None:
 
     async def go() -> dict[str, int]:
         async with open_runtime(config) as runtime:
-            return await retry_failed(runtime.sessionmaker)
+            retried = await retry_failed(runtime.sessionmaker)
+            detail = {"via": CLI_SOURCE, "retried": retried}
+            await runtime.audit.record(AuditAction.RETRY_FAILED, detail, CLI_SOURCE)
+            return retried
 
     retried = _run(go())
     click.echo(

@@ -26,6 +26,7 @@ from connector.forwarding.outbox import ForwardingService
 from connector.inbound.gate import WebhookGate
 from connector.inbound.inbox import InboxWriter
 from connector.inbound.processor import InboundProcessor
+from connector.ops.audit import AuditLog
 from connector.ops.metrics import Metrics
 from connector.ops.status import CredentialStatusStore
 from connector.outbound.credential_check import CredentialChecker
@@ -58,6 +59,7 @@ class Runtime:
     credential_checker: CredentialChecker
     secrets: ServiceSecrets
     metrics: Metrics
+    audit: AuditLog
     sync: SyncService
     gate: WebhookGate
     inbox: InboxWriter
@@ -188,6 +190,7 @@ def build_runtime(
             ingest_token=config.security.ingest_token,
         ),
         metrics=metrics,
+        audit=AuditLog(sessionmaker),
         sync=sync,
         gate=gate,
         inbox=InboxWriter(sessionmaker),

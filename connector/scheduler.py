@@ -54,6 +54,7 @@ class Scheduler:
         self._retention_days = config.inbound.retention_days
         self._scheduler = AsyncIOScheduler()
         self._rerun = False
+        self._asked: str | None = None
         self._job: asyncio.Task | None = None
         self._manual: asyncio.Task | None = None
         self._stopping = False
@@ -113,10 +114,12 @@ class Scheduler:
         if purged:
             log.info("purged old webhook deliveries", extra={"deliveries": purged})
 
-    def trigger_sync(self) -> None:
-        """Ask for a pass within about a second, besides the schedule."""
+    def trigger_sync(self, trigger: str) -> None:
+        """Ask for a pass within about a second, besides the schedule; the pass is recorded
+        with ``trigger`` (see :meth:`_ask`)."""
         if not self._scheduler.running or not self._config.scheduled:
             return
+        self._ask(trigger)
         if self._sync.running:
             self._rerun = True
             return
@@ -140,27 +143,42 @@ class Scheduler:
         if wait:
             return await self._sync.run_once(trigger, full=full)
         if self._config.scheduled and self._scheduler.running:
-            self.trigger_sync()
+            self.trigger_sync(trigger)
         elif self._sync.running:
+            self._ask(trigger)
             self._rerun = True
         elif not self._stopping:
             self._manual = asyncio.create_task(self._sync_job(trigger), name="sync-on-request")
         return None
 
-    async def retry_failed(self) -> dict[str, int]:
+    async def retry_failed(self, trigger: str) -> dict[str, int]:
         """What the pipelines set aside becomes pending again (see :mod:`connector.ops.quarantine`),
-        and the jobs that take it start now; returns how many of each kind."""
+        and the jobs that take it start now, the pass recorded with the caller's ``trigger``
+        (``api``, ``page``); returns how many of each kind."""
         retried = await quarantine.retry_failed(self._sessionmaker)
         if retried["users"]:
-            await self.request_pass("retry")
+            await self.request_pass(trigger)
         if retried["webhooks"]:
             self._processor.wake()
         return retried
 
-    async def _sync_job(self, trigger: str = "schedule") -> None:
+    def _ask(self, trigger: str) -> None:
+        """Remember who asked for the next pass: someone's request (``api``, ``page``) is kept
+        over a notification's, and the first of either until that pass starts."""
+        if self._asked is None or self._asked == "notification":
+            self._asked = trigger
+
+    def _take_asked(self) -> str:
+        """Who the pass starting now is for: whoever asked, else the schedule."""
+        trigger, self._asked = self._asked or "schedule", None
+        return trigger
+
+    async def _sync_job(self, trigger: str | None = None) -> None:
         self._job = asyncio.current_task()
         while not self._stopping:
             self._rerun = False
+            if trigger is None:
+                trigger = self._take_asked()
             try:
                 await self._sync.run_once(trigger)
             except Exception:
@@ -168,3 +186,4 @@ class Scheduler:
                 return
             if not self._rerun:
                 return
+            trigger = None

@@ -110,7 +110,8 @@ class UserEvent(Base):
 
 
 class SyncRun(Base):
-    """One outbound pass of one instance, with its counts."""
+    """One outbound pass of one instance, with its counts; the newest
+    :data:`connector.outbound.repository.RUNS_KEPT` are kept."""
 
     __tablename__ = "sync_runs"
 
@@ -124,11 +125,30 @@ class SyncRun(Base):
     users_sent: Mapped[int] = mapped_column(Integer, default=0)
     users_skipped: Mapped[int] = mapped_column(Integer, default=0)
     users_deleted: Mapped[int] = mapped_column(Integer, default=0)
+    users_held: Mapped[int] = mapped_column(Integer, default=0)
+    """Deletions the pass planned but held back for an operator to confirm."""
     users_failed: Mapped[int] = mapped_column(Integer, default=0)
     users_retrying: Mapped[int] = mapped_column(Integer, default=0)
     events_sent: Mapped[int] = mapped_column(Integer, default=0)
     api_calls: Mapped[int] = mapped_column(Integer, default=0)
+    """Track API requests of the pass."""
     error: Mapped[str | None] = mapped_column(Text)
+    error_reasons: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    """The first few distinct reasons users failed or will be retried
+    (:data:`connector.outbound.engine.ERROR_REASONS_KEPT`)."""
+
+
+class AuditEntry(Base):
+    """Something an operator did (or tried): see :mod:`connector.ops.audit`."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    action: Mapped[str] = mapped_column(String(50))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    source: Mapped[str] = mapped_column(String(100))
+    """The client's address, or ``cli``."""
 
 
 class WebhookDelivery(Base):

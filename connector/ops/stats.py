@@ -158,3 +158,33 @@ async def service_status(
         call_failures=call_failures,
         quarantine=held,
     )
+
+
+def run_json(run: SyncRun) -> dict[str, Any]:
+    """One pass of the run history as ``GET /api/runs`` and the page show it."""
+    return {
+        "id": run.id,
+        "trigger": run.trigger,
+        "full": run.full,
+        "instance": run.instance,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "sent": run.users_sent,
+        "skipped": run.users_skipped,
+        "deleted": run.users_deleted,
+        "held": run.users_held,
+        "failed": run.users_failed,
+        "retrying": run.users_retrying,
+        "events": run.events_sent,
+        "requests": run.api_calls,
+        "error": run.error,
+        "errors": run.error_reasons or [],
+    }
+
+
+async def recent_runs(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` passes, newest first; one under way has no ``finished_at``."""
+    runs = await session.scalars(
+        select(SyncRun).where(SyncRun.dry_run.is_(False)).order_by(SyncRun.id.desc()).limit(limit)
+    )
+    return [run_json(run) for run in runs]

@@ -52,6 +52,8 @@ MISSING_CREDENTIALS = "Customer.io site id and API key are not set"
 # this long for others to share its transaction (a pass's last ones are committed at once).
 MAX_WRITE_GROUP = 200
 MAX_WRITE_DELAY = 0.5
+ERROR_REASONS_KEPT = 5
+"""A pass's run record keeps this many distinct reasons users failed or will be retried."""
 
 
 UserCount = Literal["sent", "skipped", "deleted", "failed", "retrying"]
@@ -78,12 +80,20 @@ class SyncSummary:
     sent: int = 0
     skipped: int = 0
     deleted: int = 0
+    held: int = 0
+    """Deletions planned but held back for an operator to confirm."""
     failed: int = 0
     retrying: int = 0
     events_sent: int = 0
     api_calls: int = 0
     error: str | None = None
     skip_reasons: dict[str, int] = field(default_factory=dict)
+    error_reasons: list[str] = field(default_factory=list)
+    """The first :data:`ERROR_REASONS_KEPT` distinct reasons users failed or will be retried."""
+
+    def note_error(self, reason: str) -> None:
+        if reason not in self.error_reasons and len(self.error_reasons) < ERROR_REASONS_KEPT:
+            self.error_reasons.append(reason)
 
     def count(self, outcome: UserCount, n: int = 1) -> None:
         """Add ``n`` users counted as ``outcome``."""
@@ -122,6 +132,7 @@ class SyncSummary:
             "users_sent": self.sent,
             "users_skipped": self.skipped,
             "users_deleted": self.deleted,
+            "users_held": self.held,
             "users_failed": self.failed,
             "users_retrying": self.retrying,
             "events_sent": self.events_sent,
@@ -405,6 +416,8 @@ class SyncEngine:
         summary.count(key)
         if status == SyncStatus.SKIPPED and outcome.reason:
             summary.skip_reasons[outcome.reason] = summary.skip_reasons.get(outcome.reason, 0) + 1
+        elif key in ("failed", "retrying") and outcome.reason:
+            summary.note_error(outcome.reason)
         self._metrics.users.labels(key).inc()
         log.info(
             "user handled",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import load_only
 
@@ -65,6 +65,9 @@ class UserOutcome:
 
 Finished = tuple[ClaimedUser, UserOutcome, datetime | None]
 """A user's claim, what the pass did for it, and when a ``retry`` may be tried again."""
+
+RUNS_KEPT = 1000
+"""The run history: recording a pass deletes the runs older than the newest this many."""
 
 # What the write-back reads and writes of a user (the data the platform sent stays unloaded).
 _WRITE_BACK_COLUMNS = (
@@ -314,18 +317,35 @@ class OutboundRepository:
             )
 
     async def start_run(self, trigger: str, full: bool, dry_run: bool) -> int:
+        """Record a pass that starts now; only the newest :data:`RUNS_KEPT` runs are kept."""
         async with self._sessionmaker() as session, session.begin():
             run = SyncRun(instance=self.instance_id, trigger=trigger, full=full, dry_run=dry_run)
             session.add(run)
             await session.flush()
+            oldest_kept = (
+                select(SyncRun.id)
+                .order_by(SyncRun.id.desc())
+                .offset(RUNS_KEPT - 1)
+                .limit(1)
+                .scalar_subquery()
+            )
+            await session.execute(delete(SyncRun).where(SyncRun.id < oldest_kept))
             return run.id
 
-    async def finish_run(self, run_id: int, counts: dict[str, int], error: str | None) -> None:
+    async def finish_run(
+        self,
+        run_id: int,
+        counts: dict[str, int],
+        error: str | None,
+        error_reasons: Sequence[str] = (),
+    ) -> None:
         async with self._sessionmaker() as session, session.begin():
             await session.execute(
                 update(SyncRun)
                 .where(SyncRun.id == run_id)
-                .values(finished_at=utcnow(), error=error, **counts)
+                .values(
+                    finished_at=utcnow(), error=error, error_reasons=list(error_reasons), **counts
+                )
             )
 
 

@@ -98,7 +98,9 @@ class SyncService:
                 log.error("sync stopped: Customer.io refused the credentials")
             elif calls.ok:
                 await self._credentials.record("valid")
-            await self.repository.finish_run(run_id, summary.run_counts(), summary.error)
+            await self.repository.finish_run(
+                run_id, summary.run_counts(), summary.error, summary.error_reasons
+            )
             level = logging.INFO if summary.users or summary.error else logging.DEBUG
             log.log(level, "sync finished", extra={"trigger": trigger, **summary.as_dict()})
             return summary

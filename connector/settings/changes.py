@@ -4,6 +4,7 @@ and the settings page share."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from connector.settings.model import ConnectorSettings
@@ -24,6 +25,15 @@ CREDENTIAL_KEYS = frozenset({"site_id", "api_key", "region"})
 WEBHOOK_KEYS = frozenset({"webhook_signing_key", "webhook_timestamp_tolerance_seconds"})
 
 
+@dataclass(frozen=True)
+class SavedSettings:
+    settings: ConnectorSettings
+    """The settings as stored now."""
+    changes: dict[str, tuple[Any, Any]]
+    """Each field the patch changed: its value before and after (secrets too: never show
+    them as they are)."""
+
+
 class SettingsChanges:
     """Stores settings patches and tells the rest of the service what changed: the
     consequences are callables, so that settings know nothing of the sync or the inbox."""
@@ -35,7 +45,7 @@ class SettingsChanges:
         credentials_changed: Callable[[], Awaitable[object]],
         mapping_changed: Callable[[], Awaitable[object]],
         webhook_keys_changed: Callable[[], Awaitable[object]],
-        sync_soon: Callable[[], None],
+        sync_soon: Callable[[str], None],
     ):
         self._store = store
         self._credentials_changed = credentials_changed
@@ -43,16 +53,22 @@ class SettingsChanges:
         self._webhook_keys_changed = webhook_keys_changed
         self._sync_soon = sync_soon
 
-    async def save(self, patch: dict[str, Any]) -> ConnectorSettings:
+    async def save(self, patch: dict[str, Any], *, by: str) -> SavedSettings:
         """Validate and store ``patch``, then act on what changed.
 
         Raises marshmallow's ``ValidationError`` with per-field messages; nothing is saved
         then. New credentials are unchecked until the next check or sync; a new mapping puts
-        every user back in the queue; either starts a sync soon.
+        every user back in the queue; either starts a sync soon, recorded as asked for ``by``
+        the patch's sender (``api``, ``page``).
         """
         before = (await self._store.load()).to_dict()
         after = await self._store.update(patch)
-        changed = {key for key, value in after.to_dict().items() if before[key] != value}
+        changes = {
+            key: (before[key], value)
+            for key, value in after.to_dict().items()
+            if before[key] != value
+        }
+        changed = set(changes)
         if changed & CREDENTIAL_KEYS:
             await self._credentials_changed()
         if changed & MAPPING_KEYS:
@@ -62,5 +78,5 @@ class SettingsChanges:
             # expires.
             await self._webhook_keys_changed()
         if changed & (MAPPING_KEYS | CREDENTIAL_KEYS):
-            self._sync_soon()
-        return after
+            self._sync_soon(by)
+        return SavedSettings(after, changes)

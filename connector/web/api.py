@@ -12,15 +12,21 @@ from connector.db.models import TrackedEvent, User, UserEvent
 from connector.db.sync_state import has_status
 from connector.inbound.gate import webhook_url
 from connector.ops import quarantine, stats
+from connector.ops.audit import AuditAction, settings_change
 from connector.rules.safe_json import MAX_INTEGER
 from connector.runtime import Runtime
 from connector.web.auth import Auth
 from connector.web.responses import json_error, json_response, read_json
+from connector.web.security import client_address
 
 RECENT_EVENTS = 50
 MAX_USERS_LISTED = 100
 DEFAULT_EVENTS_PAGE = 100
 MAX_EVENTS_PAGE = 1000
+DEFAULT_HISTORY_PAGE = 50
+MAX_HISTORY_PAGE = 1000
+VIA = "api"
+"""How the admin API names itself in the run history and the audit log."""
 
 
 def _event_json(event: UserEvent) -> dict[str, Any]:
@@ -92,6 +98,13 @@ def _positive_int(raw: str | None, default: int, name: str) -> int:
     return int(raw)
 
 
+def _history_limit(request: web.Request) -> int:
+    limit = _positive_int(request.query.get("limit"), DEFAULT_HISTORY_PAGE, "limit")
+    if limit < 1:
+        raise web.HTTPBadRequest(reason="limit must be at least 1")
+    return min(limit, MAX_HISTORY_PAGE)
+
+
 class AdminAPI:
     def __init__(self, runtime: Runtime):
         self._settings = runtime.settings
@@ -99,6 +112,7 @@ class AdminAPI:
         self._sessionmaker = runtime.sessionmaker
         self._scheduler = runtime.scheduler
         self._gate = runtime.gate
+        self._audit = runtime.audit
         self._public_url = runtime.config.server.public_url
 
     async def get_settings(self, request: web.Request) -> web.Response:
@@ -108,15 +122,21 @@ class AdminAPI:
     async def patch_settings(self, request: web.Request) -> web.Response:
         patch = await read_json(request)
         try:
-            after = await self._changes.save(patch)
+            saved = await self._changes.save(patch, by=VIA)
         except ValidationError as exc:
             return json_response({"errors": exc.messages}, status=400)
-        return json_response(after.masked())
+        if saved.changes:
+            detail = {"via": VIA, **settings_change(saved.changes)}
+            await self._audit.record(AuditAction.SETTINGS_CHANGED, detail, client_address(request))
+        return json_response(saved.settings.masked())
 
     async def start_sync(self, request: web.Request) -> web.Response:
         wait = request.query.get("wait", "").lower() in ("1", "true", "yes")
         full = request.query.get("full", "").lower() in ("1", "true", "yes")
-        summary = await self._scheduler.request_pass("api", full=full, wait=wait)
+        await self._audit.record(
+            AuditAction.SYNC_NOW, {"via": VIA, "full": full}, client_address(request)
+        )
+        summary = await self._scheduler.request_pass(VIA, full=full, wait=wait)
         if summary is None:
             return json_response({"started": True}, status=202)
         return json_response(summary.as_dict())
@@ -124,7 +144,21 @@ class AdminAPI:
     async def retry_failed(self, request: web.Request) -> web.Response:
         """Quarantined users, webhooks and forwarded events become pending again (see
         :mod:`connector.ops.quarantine`); a sync and the webhook processing start at once."""
-        return json_response({"retried": await self._scheduler.retry_failed()})
+        retried = await self._scheduler.retry_failed(VIA)
+        await self._audit.record(
+            AuditAction.RETRY_FAILED, {"via": VIA, "retried": retried}, client_address(request)
+        )
+        return json_response({"retried": retried})
+
+    async def list_runs(self, request: web.Request) -> web.Response:
+        """The run history, newest first: every pass with its trigger and counts."""
+        limit = _history_limit(request)
+        async with self._sessionmaker() as session:
+            return json_response({"runs": await stats.recent_runs(session, limit)})
+
+    async def list_audit(self, request: web.Request) -> web.Response:
+        """The audit log, newest first."""
+        return json_response({"entries": await self._audit.recent(_history_limit(request))})
 
     async def get_quarantine(self, request: web.Request) -> web.Response:
         """How many records each pipeline set aside, with the latest reason."""
@@ -209,6 +243,9 @@ class AdminAPI:
 
     async def rotate_webhook_url(self, request: web.Request) -> web.Response:
         token = await self._gate.rotate()
+        await self._audit.record(
+            AuditAction.WEBHOOK_URL_ROTATED, {"via": VIA}, client_address(request)
+        )
         public_url = self._public_url
         return json_response({"url": webhook_url(public_url, token)})
 
@@ -220,6 +257,8 @@ def setup_api(app: web.Application, runtime: Runtime, auth: Auth) -> None:
     app.router.add_post("/api/sync", auth.admin(api.start_sync))
     app.router.add_get("/api/quarantine", auth.admin(api.get_quarantine))
     app.router.add_post("/api/retry-failed", auth.admin(api.retry_failed))
+    app.router.add_get("/api/runs", auth.admin(api.list_runs))
+    app.router.add_get("/api/audit", auth.admin(api.list_audit))
     app.router.add_get("/api/users", auth.admin(api.find_users))
     app.router.add_get("/api/users/{user_id}", auth.admin(api.get_user))
     app.router.add_get("/api/events", auth.admin(api.list_events))

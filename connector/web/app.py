@@ -43,7 +43,7 @@ def create_app(config: Config, *, sender_factory: SenderFactory | None = None) -
     app = web.Application(client_max_size=MAX_NOTIFICATION_BYTES)
     app[runtime_key] = runtime
     app.cleanup_ctx.append(_running(runtime))
-    auth = Auth(config.security.admin_password, runtime.secrets, LoginThrottle())
+    auth = Auth(config.security.admin_password, runtime.secrets, LoginThrottle(), runtime.audit)
     setup_errors(app)
     setup_health(app, runtime)
     setup_platform(app, runtime, auth)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from connector.ops.audit import AuditAction, AuditLog
 from connector.settings.secrets import ServiceSecrets
 from connector.web.responses import json_error
 from connector.web.security import (
@@ -54,12 +55,19 @@ def _credentials_required() -> web.Response:
 class Auth:
     """The checks routes are wrapped in: :meth:`admin` for the admin API, :meth:`ingest` for
     the platform's endpoints. The settings page's login form checks :meth:`password_ok` and
-    counts in the same :class:`LoginThrottle`."""
+    counts in the same :class:`LoginThrottle`. Wrong admin passwords go to the audit log."""
 
-    def __init__(self, admin_password: str, secrets: ServiceSecrets, throttle: LoginThrottle):
+    def __init__(
+        self,
+        admin_password: str,
+        secrets: ServiceSecrets,
+        throttle: LoginThrottle,
+        audit: AuditLog,
+    ):
         self._admin_password = admin_password
         self._secrets = secrets
         self.throttle = throttle
+        self.audit = audit
 
     def password_ok(self, password: str) -> bool:
         return same_secret(password, self._admin_password)
@@ -83,6 +91,9 @@ class Auth:
                 client = client_address(request)
                 wait = self.throttle.retry_after(client)
                 if wait:
+                    await self.audit.record(
+                        AuditAction.LOGIN_FAILED, {"via": "api", "reason": "throttled"}, client
+                    )
                     response = json_error(
                         429, f"too many failed attempts; try again in {wait} seconds"
                     )
@@ -90,6 +101,11 @@ class Auth:
                     return response
                 if not self._is_admin(credentials):
                     self.throttle.failed(client)
+                    await self.audit.record(
+                        AuditAction.LOGIN_FAILED,
+                        {"via": "api", "reason": "wrong credentials"},
+                        client,
+                    )
                     return _credentials_required()
                 self.throttle.succeeded(client)
                 return await handler(request)

@@ -17,8 +17,16 @@ from typing import Any
 from aiohttp import web
 from marshmallow import fields, validate
 
+from connector.ops.audit import AuditAction
 from connector.settings.model import MASK, SECRET_FIELDS, ConnectorSettingsSchema
-from connector.web.api import DEFAULT_EVENTS_PAGE, MAX_EVENTS_PAGE, MAX_USERS_LISTED, RECENT_EVENTS
+from connector.web.api import (
+    DEFAULT_EVENTS_PAGE,
+    DEFAULT_HISTORY_PAGE,
+    MAX_EVENTS_PAGE,
+    MAX_HISTORY_PAGE,
+    MAX_USERS_LISTED,
+    RECENT_EVENTS,
+)
 from connector.web.webhook import MAX_WEBHOOK_BYTES
 
 PATH = "/api/openapi.json"
@@ -231,6 +239,59 @@ def _schemas() -> dict[str, Any]:
                 )
             }
         ),
+        "Run": _object(
+            {
+                "id": {"type": "integer"},
+                "trigger": {"enum": ["schedule", "notification", "api", "page", "cli"]},
+                "full": {"type": "boolean"},
+                "instance": {"type": "string"},
+                "started_at": _TIME,
+                "finished_at": _OPTIONAL_TIME,
+                **{
+                    name: _COUNT
+                    for name in (
+                        "sent",
+                        "skipped",
+                        "deleted",
+                        "held",
+                        "failed",
+                        "retrying",
+                        "events",
+                        "requests",
+                    )
+                },
+                "error": _nullable("string", description="Why the pass stopped, if it did."),
+                "errors": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "The first few distinct reasons users failed or retry.",
+                },
+            },
+            description=(
+                "One pass: who started it, when, users by outcome (`held`: deletions waiting "
+                "for a confirmation), events sent and Track API requests."
+            ),
+        ),
+        "Runs": _object({"runs": {"type": "array", "items": _ref("Run")}}),
+        "AuditEntry": _object(
+            {
+                "id": {"type": "integer"},
+                "at": _TIME,
+                "action": {"enum": [action.value for action in AuditAction]},
+                "detail": {
+                    "type": "object",
+                    "description": (
+                        "What was done; a settings change lists its `fields`, a secret only as "
+                        '`"changed"`.'
+                    ),
+                },
+                "source": {
+                    "type": "string",
+                    "description": "The client's address, or `cli`.",
+                },
+            }
+        ),
+        "AuditLog": _object({"entries": {"type": "array", "items": _ref("AuditEntry")}}),
         "Segment": _object({"id": {"type": "string"}, "name": {"type": "string"}}),
         "User": _object(
             {
@@ -612,6 +673,17 @@ def _paths() -> dict[str, Any]:
     flag = "`1`, `true` or `yes` (any case) turns it on."
     counter = {"type": "integer", "minimum": 0, "maximum": MAX_QUERY_INTEGER}
     bad_query = _error("`after` or `limit` is not a whole number from 0 to 2^63 - 1.")
+    bad_limit = _error("`limit` is not a whole number from 1 to 2^63 - 1.")
+    history_limit = _query(
+        "limit",
+        f"How many; more than {MAX_HISTORY_PAGE} counts as {MAX_HISTORY_PAGE}.",
+        {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_QUERY_INTEGER,
+            "default": DEFAULT_HISTORY_PAGE,
+        },
+    )
     return {
         "/healthz": {
             "get": _probe(
@@ -751,6 +823,22 @@ def _paths() -> dict[str, Any]:
                 "Make failed users, invalid webhooks and failed forwarded events pending again",
                 {"200": _json("How many of each.", _ref("Retried"))},
                 changes=True,
+            )
+        },
+        "/api/runs": {
+            "get": _admin(
+                "The run history (the newest 1,000 passes are kept), newest first",
+                {"200": _json("The passes.", _ref("Runs"))},
+                parameters=[history_limit],
+                responses={"400": bad_limit},
+            )
+        },
+        "/api/audit": {
+            "get": _admin(
+                "The audit log, newest first",
+                {"200": _json("The entries.", _ref("AuditLog"))},
+                parameters=[history_limit],
+                responses={"400": bad_limit},
             )
         },
         "/api/users": {

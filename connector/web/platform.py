@@ -37,7 +37,7 @@ class PlatformReceiver:
         result = await store_messages(self._sessionmaker, parsed.messages, via_batch=via_batch)
         self._metrics.notifications.labels(route, "stored").inc()
         if result.changed:
-            self._scheduler.trigger_sync()
+            self._scheduler.trigger_sync("notification")
         return json_response(
             {
                 "accepted": result.accepted,

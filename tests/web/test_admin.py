@@ -51,6 +51,8 @@ API_ROUTES = [
     ("POST", "/api/webhook-url/rotate"),
     ("GET", "/api/quarantine"),
     ("POST", "/api/retry-failed"),
+    ("GET", "/api/runs"),
+    ("GET", "/api/audit"),
 ]
 
 

@@ -217,7 +217,7 @@ def test_browser_login_fails_with_a_wrong_password(page):
 def test_browser_login_opens_the_page(page):
     logged_in(page)
     headings = page.locator("section.card h2").all_inner_texts()
-    assert headings == ["Credentials", "Incoming", "Outgoing mapping", "Status"]
+    assert headings == ["Credentials", "Incoming", "Outgoing mapping", "Status", "Audit log"]
     page.click("text=Log out")
     page.wait_for_url(re.compile(r"/admin/login$"))
 
@@ -344,3 +344,40 @@ def test_browser_status_counts_change_after_a_sync_and_a_webhook(
     assert page.inner_text("#webhook-last") != "never"
 
     page.screenshot(path=str(screenshots / "settings-page.png"), full_page=True)
+
+
+def test_browser_shows_recent_runs_and_the_audit_log(page, service: Service, screenshots: Path):
+    logged_in(page)
+    page.fill("#api_key", API_KEY)
+    page.fill("#max_attributes_per_call", "41")
+    page.click("#outgoing button.primary")
+    page.wait_for_selector("#flash")
+    page.click("#sync-now")
+    page.wait_for_selector("#flash:has-text('Sync started.')")
+
+    # The sync is scheduled here: the page's pass runs on the schedule's job, named for the page.
+    deadline = time.monotonic() + WAIT_TIMEOUT_MS / 1000
+    while "page" not in page.locator("#recent-runs td.trigger").all_inner_texts():
+        if time.monotonic() > deadline:
+            raise AssertionError("no page pass in Recent runs")
+        time.sleep(0.3)
+        page.reload()
+    assert page.locator("#recent-runs th").all_inner_texts()[:4] == [
+        "Started",
+        "Trigger",
+        "Finished",
+        "Sent",
+    ]
+    triggers = set(page.locator("#recent-runs td.trigger").all_inner_texts())
+    assert "schedule" in triggers
+
+    page.click("a[href='#audit']")
+    actions = page.locator("#audit-log td.action").all_inner_texts()
+    assert actions[:2] == ["sync_now", "settings_changed"]
+    assert "login" in actions
+    settings_row = page.locator("#audit-log tr", has_text="settings_changed").first
+    assert "max_attributes_per_call" in settings_row.inner_text()
+    assert "41" in settings_row.inner_text()
+    assert API_KEY not in page.locator("#audit").inner_text()
+    assert set(page.locator("#audit-log td.source").all_inner_texts()) == {"127.0.0.1"}
+    page.locator("#audit").screenshot(path=str(screenshots / "audit-log.png"))

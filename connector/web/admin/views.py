@@ -15,6 +15,7 @@ from multidict import MultiDictProxy
 
 from connector.inbound.gate import webhook_url
 from connector.ops import quarantine, stats
+from connector.ops.audit import AuditAction, settings_change
 from connector.outbound.sender import CredentialCheck
 from connector.rules.traits import unprefixed
 from connector.runtime import Runtime
@@ -34,6 +35,10 @@ from connector.web.security import (
 
 PAGE = "/admin"
 LOGIN = "/admin/login"
+VIA = "page"
+"""How the settings page names itself in the run history and the audit log."""
+RUNS_SHOWN = 20
+AUDIT_SHOWN = 20
 TEXT_FIELDS = (
     "site_id",
     "region",
@@ -202,6 +207,7 @@ class SettingsPage:
         self._sessionmaker = runtime.sessionmaker
         self._gate = runtime.gate
         self._scheduler = runtime.scheduler
+        self._audit = runtime.audit
         self._scheduled = runtime.config.sync.scheduled
         self._public_url = runtime.config.server.public_url
 
@@ -229,6 +235,9 @@ class SettingsPage:
             return _forbidden(request)
         wait = throttle.retry_after(client)
         if wait:
+            await self._audit.record(
+                AuditAction.LOGIN_FAILED, {"via": VIA, "reason": "throttled"}, client
+            )
             response = await self._render_login(
                 request, f"Too many failed attempts. Try again in {wait} seconds.", status=429
             )
@@ -236,9 +245,13 @@ class SettingsPage:
             return response
         if not self._auth.password_ok(_text(form.get("password")) or ""):
             throttle.failed(client)
+            await self._audit.record(
+                AuditAction.LOGIN_FAILED, {"via": VIA, "reason": "wrong password"}, client
+            )
             return await self._render_login(request, "Wrong password.", status=401)
         throttle.succeeded(client)
         log_in(request)
+        await self._audit.record(AuditAction.LOGIN, {"via": VIA}, client)
         raise _see_other(PAGE)
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
@@ -264,6 +277,7 @@ class SettingsPage:
             inbound = await stats.inbound_stats(db)
             outbound = await stats.outbound_stats(db)
             held = await quarantine.quarantined(db)
+            runs = await stats.recent_runs(db, RUNS_SHOWN)
         gate = await self._gate.current()
         status = await stats.service_status(self._sessionmaker, self._settings, self._credentials)
         metrics = values["incoming_metrics"]
@@ -288,6 +302,8 @@ class SettingsPage:
             "inbound": inbound,
             "outbound": outbound,
             "quarantine": held,
+            "runs": runs,
+            "audit": await self._audit.recent(AUDIT_SHOWN),
             "status": status,
             "credentials": await self._credentials.get(),
             "test": test,
@@ -302,11 +318,14 @@ class SettingsPage:
     async def save(self, request: web.Request) -> web.StreamResponse:
         patch = form_patch(await read_form(request))
         try:
-            await self._changes.save(patch)
+            saved = await self._changes.save(patch, by=VIA)
         except ValidationError as exc:
             session = get_session(request)
             context = await self._page_context(request, session, entered=patch, errors=exc.messages)
             return aiohttp_jinja2.render_template("page.html", request, context, status=400)
+        if saved.changes:
+            detail = {"via": VIA, **settings_change(saved.changes)}
+            await self._audit.record(AuditAction.SETTINGS_CHANGED, detail, client_address(request))
         _flash(request, "Settings saved.")
         raise _see_other(PAGE)
 
@@ -338,13 +357,19 @@ class SettingsPage:
 
     async def rotate_webhook_url(self, request: web.Request) -> web.StreamResponse:
         await self._gate.rotate()
+        await self._audit.record(
+            AuditAction.WEBHOOK_URL_ROTATED, {"via": VIA}, client_address(request)
+        )
         _flash(request, "New webhook URL: paste it into Customer.io; the old one is refused.")
         raise _see_other(f"{PAGE}#incoming")
 
     async def sync_now(self, request: web.Request) -> web.StreamResponse:
         """ "Sync now": on the schedule's job when the sync runs in the service (the page shows
         its outcome later), else right here, with its counts."""
-        summary = await self._scheduler.request_pass("page", wait=not self._scheduled)
+        await self._audit.record(
+            AuditAction.SYNC_NOW, {"via": VIA, "full": False}, client_address(request)
+        )
+        summary = await self._scheduler.request_pass(VIA, wait=not self._scheduled)
         if summary is None:
             _flash(request, "Sync started.")
         else:
@@ -353,7 +378,10 @@ class SettingsPage:
 
     async def retry_failed(self, request: web.Request) -> web.StreamResponse:
         """What the pipelines set aside becomes pending again (after a fix)."""
-        retried = await self._scheduler.retry_failed()
+        retried = await self._scheduler.retry_failed(VIA)
+        await self._audit.record(
+            AuditAction.RETRY_FAILED, {"via": VIA, "retried": retried}, client_address(request)
+        )
         _flash(
             request,
             f"Retrying {retried['users']} user(s), {retried['webhooks']} webhook(s) and "
