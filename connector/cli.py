@@ -27,7 +27,15 @@ from connector.notifications.store import store_messages
 from connector.ops.audit import CLI_SOURCE, AuditAction
 from connector.ops.logs import ACCESS_LOGGER, setup_logging
 from connector.ops.quarantine import retry_failed
-from connector.outbound.operations import DeleteCustomer, Identify, Operation, UserPlan
+from connector.outbound.operations import (
+    DeleteCustomer,
+    Identify,
+    Operation,
+    PlanAction,
+    UserPlan,
+    UserSnapshot,
+)
+from connector.outbound.planner import plan_user
 from connector.outbound.sender import DryRunSender
 from connector.rules import safe_json
 from connector.runtime import DatabaseNotMigrated, Runtime, open_runtime
@@ -157,24 +165,42 @@ def migrate(ctx: click.Context) -> None:
     click.echo(f"Database migrated to revision {db_migrate.head_revision()}.")
 
 
-def _describe(operation: Operation) -> str:
+def _value(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def _describe(operation: Operation) -> list[str]:
+    """An operation as ``sync --dry-run`` prints it: a line, then its attributes or data,
+    names and values (an operation never holds the credentials)."""
     if isinstance(operation, Identify):
-        names = ", ".join(sorted(operation.attributes))
-        return f"identify {operation.customer_id}: {len(operation.attributes)} attributes ({names})"
+        count = len(operation.attributes)
+        lines = [f"identify {operation.customer_id}: {count} attributes"]
+        lines += [
+            f"  {name} = {_value(operation.attributes[name])}"
+            for name in sorted(operation.attributes)
+        ]
+        return lines
     if isinstance(operation, DeleteCustomer):
-        return f"delete {operation.customer_id}"
+        return [f"delete {operation.customer_id}"]
     who = operation.customer_id or f"anonymous {operation.anonymous_id}"
     kind = "page view" if operation.page else "event"
-    return f"{kind} {operation.name!r} for {who} (id {operation.id})"
+    lines = [
+        f"{kind} {operation.name!r} for {who} (id {operation.id}, timestamp {operation.timestamp})"
+    ]
+    lines += [f"  data.{name} = {_value(operation.data[name])}" for name in sorted(operation.data)]
+    return lines
 
 
-def _print_plan(plan: UserPlan) -> None:
+def _print_plan(plan: UserPlan, held: bool) -> None:
     header = f"user {plan.user_id}: {plan.action.value}"
+    if held and plan.action is PlanAction.DELETE:
+        header += " (held by the deletion guard)"
     if plan.skip_reason:
         header += f" ({plan.skip_reason})"
     click.echo(header)
     for operation in plan.operations:
-        click.echo(f"  {_describe(operation)}")
+        for line in _describe(operation):
+            click.echo(f"  {line}")
     for name, reason in plan.attribute_errors.items():
         click.echo(f"  attribute {name} left out: {reason}")
     for event_id, reason in plan.skipped_events.items():
@@ -195,11 +221,18 @@ async def _sync_once(config: Config, full: bool) -> int:
         bar.close()
     click.echo(
         f"sent {summary.sent}, skipped {summary.skipped}, deleted {summary.deleted}, "
-        f"failed {summary.failed}, retrying later {summary.retrying}; "
+        f"failed {summary.failed}, retrying later {summary.retrying}, "
+        f"deletions held {summary.held}; "
         f"{summary.events_sent} events, {summary.api_calls} API calls"
     )
     for reason, count in sorted(summary.skip_reasons.items()):
         click.echo(f"  skipped {count}: {reason}")
+    if summary.held:
+        click.echo(
+            f"  {summary.held} deletions held: more than sync.max_deletions_per_pass "
+            f"({config.sync.max_deletions_per_pass}); see GET /api/deletions, then "
+            "`connector sync --confirm-deletions`"
+        )
     if summary.error:
         click.echo(f"error: {summary.error}", err=True)
         return EXIT_CREDENTIALS
@@ -214,28 +247,67 @@ async def _sync_forever(config: Config) -> None:
             await asyncio.sleep(config.sync.interval_seconds)
 
 
-async def _dry_run(config: Config) -> None:
+async def _dry_run(config: Config, full: bool, limit: int | None) -> None:
     async with open_runtime(
         config, sender_factory=lambda _settings, _bucket: DryRunSender()
     ) as runtime:
-        plans = await runtime.sync.plan_pending()
-    for plan in plans:
-        _print_plan(plan)
-    calls = sum(len(plan.operations) for plan in plans)
-    click.echo(f"{len(plans)} pending users, {calls} planned calls; nothing was sent.")
+        preview = await runtime.sync.preview(
+            full=full, limit=limit, max_deletions=config.sync.max_deletions_per_pass
+        )
+    for plan in preview.plans:
+        _print_plan(plan, held=bool(preview.held))
+    if len(preview.plans) < preview.users:
+        click.echo(f"... {preview.users - len(preview.plans)} more users not shown (--limit)")
+    what = "users (every user: --full)" if full else "pending users"
+    click.echo(
+        f"{preview.users} {what}: {preview.identify} identify, {preview.events} event, "
+        f"{preview.delete} delete, {preview.skip} skip; "
+        f"{preview.held} deletions would be held; nothing was sent."
+    )
+
+
+async def _confirm_deletions(config: Config) -> int:
+    async with open_runtime(config) as runtime:
+        confirmed = await runtime.sync.repository.confirm_deletions()
+        if confirmed:
+            detail = {"via": "cli", "users": len(confirmed)}
+            await runtime.audit.record(AuditAction.DELETIONS_CONFIRMED, detail, CLI_SOURCE)
+        return len(confirmed)
 
 
 @main.command()
 @click.option("--once", is_flag=True, help="Run one pass to the end, then exit.")
 @click.option("--full", is_flag=True, help="Send every attribute again, not only changes.")
 @click.option("--dry-run", is_flag=True, help="Print the planned calls without sending.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=None,
+    help="With --dry-run: print the first N users only (the summary counts all).",
+)
+@click.option(
+    "--confirm-deletions",
+    is_flag=True,
+    help="Confirm the deletions the deletion guard held, then run one pass that sends them.",
+)
 @click.pass_context
-def sync(ctx: click.Context, once: bool, full: bool, dry_run: bool) -> None:
+def sync(
+    ctx: click.Context,
+    once: bool,
+    full: bool,
+    dry_run: bool,
+    limit: int | None,
+    confirm_deletions: bool,
+) -> None:
     """Send pending users and events to Customer.io."""
     config = _load(ctx)
     if dry_run:
-        _run(_dry_run(config))
+        _run(_dry_run(config, full, limit))
         return
+    if confirm_deletions:
+        confirmed = _run(_confirm_deletions(config))
+        click.echo(f"{confirmed} held deletions confirmed.")
+        once = True
     if once or full:
         sys.exit(_run(_sync_once(config, full)))
     setup_logging()
@@ -256,9 +328,9 @@ def _batches(lines: Iterator[tuple[int, str]]) -> Iterator[list[tuple[int, Any]]
         yield batch
 
 
-async def _import(runtime: Runtime, path: Path) -> tuple[int, list[str]]:
-    stored = 0
-    errors: list[str] = []
+def _parsed_batches(path: Path, errors: list[str]) -> Iterator[tuple[list[Any], list[int]]]:
+    """The file's messages, parsed, a batch at a time, with their line numbers; the lines
+    rejected are added to ``errors``."""
     size = path.stat().st_size
     with (
         # Invalid UTF-8 stays visible as lone surrogates, and the parser rejects its line.
@@ -283,11 +355,48 @@ async def _import(runtime: Runtime, path: Path) -> tuple[int, list[str]]:
                 raise click.ClickException(str(exc)) from exc
             for rejection in parsed.rejected:
                 errors.append(f"line {numbers[rejection['index']]}: {rejection['error']}")
-            result = await store_messages(runtime.sessionmaker, parsed.messages, via_batch=True)
-            stored += result.accepted
-            for rejection in result.rejected:
-                errors.append(f"line {numbers[rejection['index']]}: {rejection['error']}")
+            yield parsed.messages, numbers
+
+
+async def _import(runtime: Runtime, path: Path) -> tuple[int, list[str]]:
+    stored = 0
+    errors: list[str] = []
+    for messages, numbers in _parsed_batches(path, errors):
+        result = await store_messages(runtime.sessionmaker, messages, via_batch=True)
+        stored += result.accepted
+        for rejection in result.rejected:
+            errors.append(f"line {numbers[rejection['index']]}: {rejection['error']}")
     return stored, errors
+
+
+async def _import_preview(runtime: Runtime, path: Path) -> tuple[dict[str, int], list[str]]:
+    """What importing ``path`` then one pass would do, user by user, storing nothing: each
+    message planned as it would be sent through ``/batch``, as new to Customer.io."""
+    settings = await runtime.settings.load()
+    counts = {"sent": 0, "skipped": 0, "deleted": 0}
+    errors: list[str] = []
+    for messages, _numbers in _parsed_batches(path, errors):
+        for message in messages:
+            snapshot = UserSnapshot(
+                id=message.key or "",
+                external_id=message.external_id,
+                email=message.email,
+                anonymous_ids=tuple(message.anonymous_ids),
+                attributes=message.attributes,
+                account=message.account,
+                segments=tuple(message.segments),
+                via_batch=True,
+                events=tuple(message.events),
+            )
+            # Through /batch a user is always in segments: never a deletion, whatever names.
+            plan = plan_user(snapshot, settings, whitelisted_names=())
+            if plan.action is PlanAction.DELETE:
+                counts["deleted"] += 1
+            elif plan.action is PlanAction.SKIP:
+                counts["skipped"] += 1
+            else:
+                counts["sent"] += 1
+    return counts, errors
 
 
 @main.command(name="webhook-url")
@@ -343,8 +452,11 @@ def retry_failed_command(ctx: click.Context) -> None:
 
 @main.command(name="import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--dry-run", is_flag=True, help="Say how many users would be sent, skipped and deleted."
+)
 @click.pass_context
-def import_users(ctx: click.Context, file: Path) -> None:
+def import_users(ctx: click.Context, file: Path, dry_run: bool) -> None:
     """Backfill users from a JSON-lines file of notification messages (sent like /batch)."""
     config = _load(ctx)
 
@@ -352,6 +464,21 @@ def import_users(ctx: click.Context, file: Path) -> None:
         async with open_runtime(config) as runtime:
             return await _import(runtime, file)
 
+    async def preview() -> tuple[dict[str, int], list[str]]:
+        async with open_runtime(config) as runtime:
+            return await _import_preview(runtime, file)
+
+    if dry_run:
+        counts, errors = _run(preview())
+        for line in errors:
+            click.echo(line, err=True)
+        click.echo(
+            f"{counts['sent']} users would be sent, {counts['skipped']} skipped, "
+            f"{counts['deleted']} deleted; {len(errors)} lines rejected; nothing was stored."
+        )
+        if errors:
+            sys.exit(1)
+        return
     stored, errors = _run(go())
     for line in errors:
         click.echo(line, err=True)

@@ -76,6 +76,9 @@ class SyncConfig:
     backoff_max_seconds: float = 900.0
     claim_batch_size: int = 200
     lease_seconds: float = 300.0
+    max_deletions_per_pass: int = 100
+    """A pass that plans more deletions than this sends none of them: they are held until an
+    admin confirms them. 0 turns the guard off."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ class SyncSchema(_SectionSchema):
     backoff_max_seconds = fields.Float(validate=validate.Range(min=0))
     claim_batch_size = fields.Integer(validate=validate.Range(min=1, max=10_000))
     lease_seconds = fields.Float(validate=validate.Range(min=1))
+    max_deletions_per_pass = fields.Integer(validate=validate.Range(min=0))
 
 
 class InboundSchema(_SectionSchema):

@@ -28,6 +28,8 @@ from connector.db import migrate
 from connector.db.engine import make_engine
 from connector.db.models import User, WebhookDelivery
 from connector.db.types import utcnow
+from connector.notifications.parse import parse_notification
+from connector.notifications.store import store_messages
 from connector.runtime import open_runtime
 
 from .conftest import ADMIN_PASSWORD, INGEST_TOKEN
@@ -431,12 +433,102 @@ async def test_cli_sync_dry_run_prints_the_plan_and_sends_nothing(
     assert result.code == 0, result.stderr
     out = result.stdout
     assert "user u1: send" in out
-    assert re.search(r"identify ext-1: \d+ attributes \(.*first_name.*plan.*\)", out)
+    assert re.search(r"identify ext-1: \d+ attributes", out)
+    assert '    first_name = "Ana"' in out
+    assert '    plan = "pro"' in out
+    assert '    email = "ana@example.com"' in out
     assert "event 'Signed Up' for ext-2" in out
-    assert "3 pending users" in out
-    assert "nothing was sent" in out
+    assert '    data.plan = "free"' in out
+    assert "3 pending users: 3 identify, 1 event, 0 delete, 0 skip" in out
+    assert "0 deletions would be held; nothing was sent" in out
+    assert fake_cio.api_key not in out
     assert fake_cio.requests == []
     assert all(user.pending for user in (await stored_users(settings)).values())
+
+
+async def test_cli_sync_dry_run_full_plans_every_user_and_limit_shows_the_first(
+    settings_file, tmp_path, fake_cio
+):
+    settings = settings_file()
+    await import_good_users(settings, tmp_path)
+    assert (await run_cli(settings, "sync", "--once")).code == 0
+    fake_cio.reset()
+
+    plain = await run_cli(settings, "sync", "--dry-run")
+    full = await run_cli(settings, "sync", "--dry-run", "--full", "--limit", "1")
+
+    assert "0 pending users" in plain.stdout
+    assert full.code == 0, full.stderr
+    assert "3 users (every user: --full): 3 identify" in full.stdout
+    assert full.stdout.count("user u") == 1
+    assert "2 more users not shown (--limit)" in full.stdout
+    assert fake_cio.requests == []
+
+
+def deletion_settings(settings_file, limit: int) -> Path:
+    path = settings_file(enable_user_deletion=True)
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace("[sync]\n", f"[sync]\nmax_deletions_per_pass = {limit}\n"))
+    return path
+
+
+async def test_cli_import_then_full_sync_deletes_nobody_outside_the_segments(
+    settings_file, tmp_path, fake_cio
+):
+    """The issue's reproduction (300 users for 3,000): an import of which a third are outside
+    the whitelisted segments, then ``sync --once --full``: nobody is deleted."""
+    settings = deletion_settings(settings_file, 100)
+    lines = [
+        message(f"u{n}", external_id=f"ext-{n}", segments=("seg-paying",) if n % 3 else ())
+        for n in range(300)
+    ]
+    users_file = write_jsonl(tmp_path / "users.jsonl", lines)
+    preview = await run_cli(settings, "import", "--dry-run", str(users_file))
+    assert preview.code == 0, preview.stderr
+    assert "300 users would be sent, 0 skipped, 0 deleted" in preview.stdout
+    assert await stored_users(settings) == {}
+    assert (await run_cli(settings, "import", str(users_file))).code == 0
+    assert (await run_cli(settings, "sync", "--once")).code == 0
+
+    dry = await run_cli(settings, "sync", "--dry-run", "--full")
+    result = await run_cli(settings, "sync", "--once", "--full")
+
+    assert "300 users (every user: --full): 200 identify, 0 event, 0 delete, 100 skip" in (
+        dry.stdout
+    )
+    assert result.code == 0, result.stderr
+    assert summary_counts(result.stdout)[2] == 0
+    assert fake_cio.requests_for("DELETE") == []
+
+
+async def test_cli_sync_holds_deletions_over_the_limit_until_confirmed(
+    settings_file, tmp_path, fake_cio
+):
+    settings = deletion_settings(settings_file, 2)
+    inside = [message(f"u{n}", external_id=f"ext-{n}") for n in range(3)]
+    await run_cli(settings, "import", str(write_jsonl(tmp_path / "a.jsonl", inside)))
+    assert (await run_cli(settings, "sync", "--once")).code == 0
+    config = load_config(settings, environ={})
+    async with open_runtime(config) as runtime:
+        left = [message(f"u{n}", external_id=f"ext-{n}", segments=()) for n in range(3)]
+        parsed = parse_notification({"messages": left})
+        await store_messages(runtime.sessionmaker, parsed.messages, via_batch=False)
+
+    dry = await run_cli(settings, "sync", "--dry-run")
+    held = await run_cli(settings, "sync", "--once")
+
+    assert "user u0: delete (held by the deletion guard)" in dry.stdout
+    assert "3 delete, 0 skip; 3 deletions would be held" in dry.stdout
+    assert "deletions held 3" in held.stdout
+    assert fake_cio.requests_for("DELETE") == []
+    assert {user.sync_status for user in (await stored_users(settings)).values()} == {"held"}
+
+    confirmed = await run_cli(settings, "sync", "--confirm-deletions")
+
+    assert confirmed.code == 0, confirmed.stderr
+    assert "3 held deletions confirmed." in confirmed.stdout
+    assert summary_counts(confirmed.stdout)[2] == 3
+    assert len(fake_cio.requests_for("DELETE")) == 3
 
 
 async def test_cli_sync_once_sends_the_imported_users(settings_file, tmp_path, fake_cio):

@@ -4,8 +4,8 @@ A user's place in the outbound work queue is a few columns of ``users``: ``sync_
 (one :class:`SyncStatus`), ``pending``, ``pending_since``, ``next_attempt_at``, ``attempts``,
 and the reason columns. Only this module writes them; callers name the change
 (:func:`mark_pending`, :func:`mark_all_pending`, :func:`record_result`, :func:`record_retry`,
-:func:`retry_failed_users`) and read through the conditions below. The set-based changes are
-one statement each, whatever the number of users.
+:func:`retry_failed_users`, :func:`confirm_held_deletions`) and read through the conditions
+below. The set-based changes are one statement each, whatever the number of users.
 """
 
 from __future__ import annotations
@@ -46,6 +46,14 @@ class SyncStatus(enum.StrEnum):
     FAILED = "failed"
     """The last pass failed for the user, with ``last_error``. Not pending (and so quarantined)
     unless it changed meanwhile; :func:`retry_failed_users` makes it pending again."""
+    HELD = "held"
+    """The last pass planned to delete the person but held the deletion (``skip_reason``
+    says why: more deletions than ``sync.max_deletions_per_pass``). Not pending: it waits for
+    :func:`confirm_held_deletions`, or for a change of the user (which makes it pending and
+    planned afresh)."""
+    CONFIRMED = "confirmed"
+    """A held deletion an admin confirmed: pending, and the next pass deletes the person
+    without the deletion guard counting it (unless it came back into a segment)."""
 
 
 PASS_RESULTS = frozenset(
@@ -55,6 +63,7 @@ PASS_RESULTS = frozenset(
         SyncStatus.SKIPPED,
         SyncStatus.DELETED,
         SyncStatus.FAILED,
+        SyncStatus.HELD,
     }
 )
 """The statuses a pass that settled a user leaves (:func:`record_result`)."""
@@ -77,6 +86,16 @@ def has_status(value: str) -> ColumnElement[bool]:
     except ValueError:
         return false()
     return User.sync_status == status
+
+
+def held_deletion() -> ColumnElement[bool]:
+    """Users whose deletion a pass held, waiting for an admin's confirmation."""
+    return (User.sync_status == SyncStatus.HELD) & User.pending.is_(False)
+
+
+def is_deletion_confirmed(user: User) -> bool:
+    """Whether an admin confirmed the deletion the last pass held for ``user``."""
+    return user.sync_status == SyncStatus.CONFIRMED
 
 
 def webhook_user_state() -> dict[str, Any]:
@@ -134,6 +153,31 @@ async def retry_failed_users(session: AsyncSession, now: datetime) -> list[str]:
     return users
 
 
+async def confirm_held_deletions(
+    session: AsyncSession, now: datetime, user_ids: list[str] | None = None
+) -> list[str]:
+    """Confirm the deletions held (of ``user_ids`` only, when given): each user becomes
+    pending, due now, and ``confirmed``; returns their ids."""
+    condition = held_deletion()
+    if user_ids is not None:
+        condition = condition & User.id.in_(user_ids)
+    users = list(await session.scalars(select(User.id).where(condition)))
+    if users:
+        await session.execute(
+            update(User)
+            .where(User.id.in_(users))
+            .values(
+                pending=True,
+                version=User.version + 1,
+                pending_since=now,
+                next_attempt_at=now,
+                attempts=0,
+                sync_status=SyncStatus.CONFIRMED,
+            )
+        )
+    return users
+
+
 def record_result(
     user: User, status: str, *, reason: str | None, claimed_version: int, now: datetime
 ) -> None:
@@ -147,7 +191,7 @@ def record_result(
     if result not in PASS_RESULTS:
         raise ValueError(f"a pass does not leave a user {result.value!r}")
     user.sync_status = result
-    user.skip_reason = reason if result is SyncStatus.SKIPPED else None
+    user.skip_reason = reason if result in (SyncStatus.SKIPPED, SyncStatus.HELD) else None
     user.last_error = reason if result is SyncStatus.FAILED else None
     user.attempts = 0
     if user.version == claimed_version:
@@ -162,7 +206,10 @@ def record_retry(
     user: User, *, attempts: int, reason: str | None, retry_at: datetime | None
 ) -> None:
     """A pass must try ``user`` again at ``retry_at`` (``retrying``), or gave up on it
-    (``retry_at`` None: ``failed``, and no longer pending), after ``attempts``."""
+    (``retry_at`` None: ``failed``, and no longer pending), after ``attempts``.
+
+    A confirmed deletion that must be tried again stays ``confirmed``, so the guard does not
+    hold it a second time."""
     user.attempts = attempts
     user.last_error = reason
     if retry_at is None:
@@ -170,4 +217,5 @@ def record_retry(
         user.sync_status = SyncStatus.FAILED
     else:
         user.next_attempt_at = retry_at
-        user.sync_status = SyncStatus.RETRYING
+        if user.sync_status != SyncStatus.CONFIRMED:
+            user.sync_status = SyncStatus.RETRYING

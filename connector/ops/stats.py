@@ -17,7 +17,7 @@ from connector.db.models import (
     User,
     WebhookDelivery,
 )
-from connector.db.sync_state import SyncStatus, failed_for_good
+from connector.db.sync_state import SyncStatus, failed_for_good, held_deletion
 from connector.ops.quarantine import quarantined
 from connector.ops.status import CredentialStatusStore, Status, compute_status
 from connector.rules.traits import unprefixed
@@ -141,6 +141,7 @@ async def service_status(
         last_run = await last_finished_run(session)
         failed = await session.scalar(select(func.count()).where(failed_for_good()))
         held = await quarantined(session)
+        held_deletions = await session.scalar(select(func.count()).where(held_deletion()))
         forwarding_error = await session.scalar(
             select(ForwardMessage.last_error)
             .where(ForwardMessage.status == "pending", ForwardMessage.last_error.is_not(None))
@@ -157,6 +158,7 @@ async def service_status(
         last_run_at=last_run.finished_at if last_run is not None else None,
         call_failures=call_failures,
         quarantine=held,
+        held_deletions=held_deletions or 0,
     )
 
 

@@ -75,6 +75,7 @@ def compute_status(
     call_failures: dict[str, Any] | None = None,
     quarantine: dict[str, Quarantined] | None = None,
     now: datetime | None = None,
+    held_deletions: int = 0,
 ) -> Status:
     """Missing credentials, no whitelisted segment and Track API calls failing in the last
     :data:`CALL_FAILURE_WINDOW` warn; invalid credentials, a credential check Customer.io could
@@ -83,6 +84,7 @@ def compute_status(
     A last pass's error older than the latest credential verdict is not reported: the
     credentials it was about have changed or been checked since. Webhooks and forwarded events
     set aside (``quarantine``, see :mod:`connector.ops.quarantine`) warn, with the latest reason.
+    Deletions held by the deletion guard (``held_deletions``) warn, with their count.
     """
     errors: list[str] = []
     warnings: list[str] = []
@@ -118,6 +120,12 @@ def compute_status(
                 f"{held.count} {what} set aside (latest: {held.reason or 'no reason'}); "
                 "POST /api/retry-failed tries them again"
             )
+    if held_deletions:
+        warnings.append(
+            f"{held_deletions} deletion(s) held: a pass planned more than "
+            "sync.max_deletions_per_pass; see GET /api/deletions, and confirm them with "
+            "POST /api/deletions/confirm (or the settings page)"
+        )
     if forwarding_error and settings.forward_url:
         errors.append(f"Forwarding is failing: {forwarding_error}")
     last_failure = _moment(call_failures)

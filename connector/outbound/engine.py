@@ -9,6 +9,11 @@ A pass fails per user, never as a whole: a user whose planning or sending raises
 quarantined (``failed``, with the reason) and the others go on. A 429 is sent again after the
 sender's pause without counting an attempt; a 5xx or a timeout counts against the operation
 that got it only (:meth:`SyncEngine._retry_at`).
+
+The deletion guard (``sync.max_deletions_per_pass``) looks at the pass as a whole: before
+sending anything, the pass plans every due user to count the deletions it would make (those
+an admin confirmed are not counted). When there are more than the limit, it sends none of
+them: each is *held* (:class:`DeletionGuard`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from connector.outbound.operations import (
     SendResult,
     Track,
     UserPlan,
+    UserSnapshot,
 )
 from connector.outbound.planner import plan_user
 from connector.outbound.repository import ClaimedUser, OutboundRepository, UserOutcome
@@ -56,7 +62,7 @@ ERROR_REASONS_KEPT = 5
 """A pass's run record keeps this many distinct reasons users failed or will be retried."""
 
 
-UserCount = Literal["sent", "skipped", "deleted", "failed", "retrying"]
+UserCount = Literal["sent", "skipped", "deleted", "failed", "retrying", "held"]
 """How a pass counts a user it is through with (a field of :class:`SyncSummary`)."""
 
 _COUNTED_AS: dict[str, UserCount] = {
@@ -65,6 +71,7 @@ _COUNTED_AS: dict[str, UserCount] = {
     SyncStatus.SKIPPED: "skipped",
     SyncStatus.DELETED: "deleted",
     SyncStatus.FAILED: "failed",
+    SyncStatus.HELD: "held",
 }
 """A settled user's count, by the status the pass leaves it."""
 
@@ -80,10 +87,10 @@ class SyncSummary:
     sent: int = 0
     skipped: int = 0
     deleted: int = 0
-    held: int = 0
-    """Deletions planned but held back for an operator to confirm."""
     failed: int = 0
     retrying: int = 0
+    held: int = 0
+    """Users whose deletion the deletion guard held back for an operator to confirm."""
     events_sent: int = 0
     api_calls: int = 0
     error: str | None = None
@@ -108,12 +115,14 @@ class SyncSummary:
                 self.failed += n
             case "retrying":
                 self.retrying += n
+            case "held":
+                self.held += n
             case _:
                 raise ValueError(f"not a user count: {outcome!r}")
 
     @property
     def users(self) -> int:
-        return self.sent + self.skipped + self.deleted + self.failed + self.retrying
+        return self.sent + self.skipped + self.deleted + self.failed + self.retrying + self.held
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +131,7 @@ class SyncSummary:
             "deleted": self.deleted,
             "failed": self.failed,
             "retrying": self.retrying,
+            "held": self.held,
             "events_sent": self.events_sent,
             "api_calls": self.api_calls,
             "error": self.error,
@@ -138,6 +148,49 @@ class SyncSummary:
             "events_sent": self.events_sent,
             "api_calls": self.api_calls,
         }
+
+
+def deletion_held_reason(planned: int, limit: int) -> str:
+    return (
+        f"deletion held: the pass planned {planned} deletions, more than "
+        f"sync.max_deletions_per_pass ({limit}); confirm to send them"
+    )
+
+
+@dataclass
+class DeletionGuard:
+    """Which deletions of one pass may go out (``sync.max_deletions_per_pass``).
+
+    ``planned`` is the number of unconfirmed deletions the pass planned before it began. Over
+    ``limit``, every one is held; otherwise they go out, but never more than ``limit`` (users
+    that changed since the count could add some). A ``limit`` of 0 holds none.
+    """
+
+    limit: int
+    planned: int = 0
+    admitted: int = 0
+
+    @property
+    def holds_all(self) -> bool:
+        return 0 < self.limit < self.planned
+
+    @property
+    def reason(self) -> str:
+        return deletion_held_reason(max(self.planned, self.admitted + 1), self.limit)
+
+    def admit(self, plan: UserPlan, snapshot: UserSnapshot) -> bool:
+        """Whether ``plan`` may be carried out; False: its deletion is held."""
+        if plan.action is not PlanAction.DELETE or snapshot.deletion_confirmed or not self.limit:
+            return True
+        if self.holds_all or self.admitted >= self.limit:
+            return False
+        self.admitted += 1
+        return True
+
+
+def counts_against_guard(plan: UserPlan, snapshot: UserSnapshot) -> bool:
+    """A deletion the guard counts: planned, and not confirmed by an admin."""
+    return plan.action is PlanAction.DELETE and not snapshot.deletion_confirmed
 
 
 @dataclass
@@ -236,10 +289,13 @@ class SyncEngine:
         summary = SyncSummary()
         calls = CallLog() if calls is None else calls
         stop = asyncio.Event()
+        due_by = utcnow()
+        names = await self._repository.segment_names(settings.synchronized_segments)
+        guard = await self._guard(settings, names, due_by)
         feed = _ClaimFeed(
             self._repository,
             self._config.claim_batch_size,
-            due_by=utcnow(),
+            due_by=due_by,
             low_water=self._config.concurrency,
             stop=stop,
         )
@@ -261,7 +317,9 @@ class SyncEngine:
                 if stop.is_set() or writer.failed:
                     untouched.append(claimed.snapshot.id)
                     return
-                plan, outcome = await self._work(claimed, settings, sender, stop, calls)
+                plan, outcome = await self._work(
+                    claimed, settings, names, guard, sender, stop, calls
+                )
                 writer.put(_Done(claimed, plan, outcome, self._retry_at(claimed, outcome)))
 
         workers = [asyncio.create_task(worker()) for _ in range(self._config.concurrency)]
@@ -284,10 +342,36 @@ class SyncEngine:
             summary.error = INVALID_CREDENTIALS
         return summary
 
+    async def _guard(
+        self, settings: ConnectorSettings, names: frozenset[str], due_by: datetime
+    ) -> DeletionGuard:
+        """The pass's deletion guard, with the deletions planned for the users due by
+        ``due_by`` counted (only when deletion and the guard are on)."""
+        guard = DeletionGuard(self._config.max_deletions_per_pass)
+        if not (settings.enable_user_deletion and guard.limit):
+            return guard
+        offset = 0
+        while batch := await self._repository.peek(
+            self._config.claim_batch_size, offset, due_by=due_by
+        ):
+            offset += len(batch)
+            for claimed in batch:
+                with contextlib.suppress(Exception):  # the pass quarantines it, not the guard
+                    plan = plan_user(claimed.snapshot, settings, whitelisted_names=names)
+                    guard.planned += counts_against_guard(plan, claimed.snapshot)
+        if guard.holds_all:
+            log.warning(
+                "deletions held",
+                extra={"planned": guard.planned, "max_deletions_per_pass": guard.limit},
+            )
+        return guard
+
     async def _work(
         self,
         claimed: ClaimedUser,
         settings: ConnectorSettings,
+        names: frozenset[str],
+        guard: DeletionGuard,
         sender: Sender,
         stop: asyncio.Event,
         calls: CallLog,
@@ -295,7 +379,7 @@ class SyncEngine:
         """Plan and send one user; whatever it raises stays with that user."""
         user_id = claimed.snapshot.id
         try:
-            plan = plan_user(claimed.snapshot, settings)
+            plan = plan_user(claimed.snapshot, settings, whitelisted_names=names)
         except Exception as exc:
             log.error(
                 "user quarantined",
@@ -303,6 +387,10 @@ class SyncEngine:
             )
             outcome = _quarantine(UserOutcome(status=SyncStatus.FAILED), "planning", exc)
             return UserPlan(user_id=user_id, action=PlanAction.SKIP), outcome
+        if not guard.admit(plan, claimed.snapshot):
+            # Its pending events wait with it: sent if it comes back, skipped once deleted.
+            held = UserOutcome(SyncStatus.HELD, customer_id=plan.customer_id, reason=guard.reason)
+            return plan, held
         outcome = _initial_outcome(plan)
         try:
             await self._execute(plan, sender, stop, outcome, calls)

@@ -38,6 +38,8 @@ class UserSnapshot:
     cio_created_at: datetime | None = None
     cio_deleted_at: datetime | None = None
     events: tuple[PlatformEvent, ...] = ()
+    deletion_confirmed: bool = False
+    """An admin confirmed the deletion a pass held: the deletion guard does not count it."""
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,26 @@
 """What one pending user needs this pass: delete, skip, anonymous events, or identify and events.
 
 Pure: a :class:`UserSnapshot` and the settings in, a :class:`UserPlan` out (SPEC §5 steps
-2 to 7). Missing credentials (step 1) are the caller's business.
+2 to 7). Missing credentials (step 1) are the caller's business, and so is the deletion
+guard (``sync.max_deletions_per_pass``, applied by the engine to the pass as a whole).
+
+Deletion means **left** (:func:`has_left`). The connector identifies a user only while it is
+in a whitelisted segment or came through ``/batch``, and every identify sends
+``hull_segments``, the names of all its segments; what Customer.io confirmed is kept in
+``sent_attributes``. So a user *was in a whitelisted segment when it was last sent* exactly
+when the ``hull_segments`` last sent names a whitelisted segment. Names, not ids, are all
+Customer.io holds, so the names of the whitelisted segments (from the catalog of what the
+platform sent) come in with the plan: a whitelisted segment renamed since the user was last
+sent, or a segment whose name was never seen, fails towards *not* deleting. A user that came
+only through ``/batch`` or ``import`` outside the whitelisted segments never left anything.
+A user this connector never identified counts as created and left when its platform traits
+carry Hull's ``customerio/created_at`` without ``customerio/deleted_at`` (written by Hull's
+own connector, which created only users in its whitelisted segments).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from connector.notifications.parse import PlatformEvent
 from connector.outbound import mapping
@@ -27,6 +41,11 @@ NO_CHANGES = "no changes"
 FROM_CUSTOMERIO = "came from Customer.io"
 NOT_IN_EVENTS_FILTER = "not in events_filter"
 PAGE_WITHOUT_URL = "page view without a url (properties.url or context.page_url)"
+NEVER_IN_SEGMENTS = "not in any whitelisted segment (never was when sent: not deleted)"
+
+HULL_CREATED_AT = "customerio/created_at"
+HULL_DELETED_AT = "customerio/deleted_at"
+"""Traits Hull's own Customer.io connector writes on the platform's users."""
 
 
 def is_deleted(user: UserSnapshot) -> bool:
@@ -41,6 +60,28 @@ def in_segments(user: UserSnapshot, settings: ConnectorSettings) -> bool:
     """Whether the user is to be synced: in a whitelisted segment, or sent through ``/batch``."""
     segment_ids = {str(segment.get("id")) for segment in user.segments}
     return user.via_batch or bool(segment_ids & set(settings.synchronized_segments))
+
+
+def created_by_hull(user: UserSnapshot) -> bool:
+    """Whether Hull's own connector created the person in Customer.io and did not delete it."""
+    traits = user.attributes
+    return traits.get(HULL_CREATED_AT) is not None and traits.get(HULL_DELETED_AT) is None
+
+
+def has_left(user: UserSnapshot, whitelisted_names: Collection[str]) -> bool:
+    """Whether the user, now in no whitelisted segment, *left* one (see the module's notes).
+
+    When this connector identified the user, the ``hull_segments`` last sent decides: it left
+    iff that names one of ``whitelisted_names``. When it never did (nothing sent, or deleted
+    since), Hull's ``customerio/created_at`` trait without ``customerio/deleted_at`` counts
+    as created and left.
+    """
+    if user.cio_created_at is not None and not is_deleted(user):
+        sent = user.sent_attributes.get("hull_segments")
+        if not isinstance(sent, list):
+            return False
+        return bool({str(name) for name in sent} & set(whitelisted_names))
+    return user.cio_deleted_at is None and created_by_hull(user)
 
 
 def _skip_all(events: Iterable[PlatformEvent], reason: str) -> dict[str, str]:
@@ -102,8 +143,13 @@ def plan_events(
     return tracks, skipped
 
 
-def _delete_target(user: UserSnapshot, settings: ConnectorSettings, cid: str | None) -> str | None:
-    if not settings.enable_user_deletion or user.cio_created_at is None or is_deleted(user):
+def _delete_target(
+    user: UserSnapshot,
+    settings: ConnectorSettings,
+    cid: str | None,
+    whitelisted_names: Collection[str],
+) -> str | None:
+    if not settings.enable_user_deletion or not has_left(user, whitelisted_names):
         return None
     target = user.cio_id or cid
     if target is None or mapping.customer_id_error(target):
@@ -125,12 +171,17 @@ def _plan_anonymous(user: UserSnapshot, settings: ConnectorSettings, otherwise: 
     )
 
 
-def plan_user(user: UserSnapshot, settings: ConnectorSettings) -> UserPlan:
+def plan_user(
+    user: UserSnapshot, settings: ConnectorSettings, *, whitelisted_names: Collection[str]
+) -> UserPlan:
     """Plan one user's operations (SPEC §5, steps 2 to 7), in the order they must run.
 
+    ``whitelisted_names`` are the names of the segments in ``synchronized_segments``.
+
     - Not in a whitelisted segment (nor via ``/batch``): DELETE when deletion is on and the
-      customer exists in Customer.io; else, with ``anonymous_events`` on and no customer id,
-      its whitelisted events go out anonymously; else SKIP. Pending events are not sent.
+      user :func:`has_left` (and so exists in Customer.io); else, with ``anonymous_events``
+      on and no customer id, its whitelisted events go out anonymously; else SKIP. Pending
+      events are not sent.
     - No customer id: ANONYMOUS events as above when possible, else SKIP.
     - A customer id over Customer.io's limit: SKIP.
     - Otherwise SEND: identify calls with every attribute (first time, ``full``, or after a
@@ -141,7 +192,7 @@ def plan_user(user: UserSnapshot, settings: ConnectorSettings) -> UserPlan:
     anonymous = cid is None and settings.anonymous_events and bool(user.anonymous_ids)
 
     if not in_segments(user, settings):
-        target = _delete_target(user, settings, cid)
+        target = _delete_target(user, settings, cid, whitelisted_names)
         if target is not None:
             return UserPlan(
                 user_id=user.id,
@@ -150,8 +201,11 @@ def plan_user(user: UserSnapshot, settings: ConnectorSettings) -> UserPlan:
                 operations=(DeleteCustomer(target),),
                 skipped_events=_skip_all(user.events, USER_DELETED),
             )
-        deleted = settings.enable_user_deletion and is_deleted(user)
-        reason = ALREADY_DELETED if deleted else NOT_IN_SEGMENTS
+        reason = NOT_IN_SEGMENTS
+        if settings.enable_user_deletion and is_deleted(user):
+            reason = ALREADY_DELETED
+        elif settings.enable_user_deletion and user.cio_created_at is not None:
+            reason = NEVER_IN_SEGMENTS
         return _plan_anonymous(user, settings, reason) if anonymous else _skip(user, reason)
 
     if cid is None:

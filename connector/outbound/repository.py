@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import load_only
 
 from connector.db import sync_state
 from connector.db.claims import claim_rows, unclaimed
-from connector.db.models import SyncRun, User, UserEvent
+from connector.db.models import CatalogEntry, SyncRun, User, UserEvent
 from connector.db.sync_state import SyncStatus
 from connector.db.types import utcnow
 from connector.notifications.parse import PlatformEvent
@@ -156,19 +156,91 @@ class OutboundRepository:
                 return []
             return await self._load(session, ids)
 
-    async def peek(self, limit: int, offset: int = 0) -> list[ClaimedUser]:
-        """Pending users as a pass would see them, without claiming anything (dry runs)."""
+    async def peek(
+        self,
+        limit: int,
+        offset: int = 0,
+        *,
+        due_by: datetime | None = None,
+        full: bool = False,
+    ) -> list[ClaimedUser]:
+        """Pending users as a pass would see them, without claiming anything (dry runs, and
+        the deletion guard's count). ``due_by``: only those a pass starting then claims.
+        ``full``: every user, as ``sync --full`` would make them pending."""
+        if full:
+            condition: Any = true()
+        elif due_by is not None:
+            condition = _claimable(utcnow(), due_by)
+        else:
+            condition = User.pending.is_(True)
         async with self._sessionmaker() as session:
             ids = list(
                 await session.scalars(
                     select(User.id)
-                    .where(User.pending.is_(True))
+                    .where(condition)
                     .order_by(User.pending_since, User.id)
                     .limit(limit)
                     .offset(offset)
                 )
             )
-            return await self._load(session, ids) if ids else []
+            users = await self._load(session, ids) if ids else []
+        if full:
+            for claimed in users:
+                claimed.snapshot = replace(claimed.snapshot, full=True)
+        return users
+
+    async def segment_names(self, segment_ids: Sequence[str]) -> frozenset[str]:
+        """The names of these segments, as the platform last sent them (the catalog)."""
+        if not segment_ids:
+            return frozenset()
+        async with self._sessionmaker() as session:
+            labels = await session.scalars(
+                select(CatalogEntry.label).where(
+                    CatalogEntry.kind == "segment",
+                    CatalogEntry.key.in_(list(segment_ids)),
+                    CatalogEntry.label.is_not(None),
+                )
+            )
+            return frozenset(label for label in labels if label)
+
+    async def held_deletions(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """The users whose deletion a pass held, oldest first (``GET /api/deletions``)."""
+        async with self._sessionmaker() as session:
+            rows = await session.execute(
+                select(
+                    User.id,
+                    User.external_id,
+                    User.email,
+                    User.cio_id,
+                    User.skip_reason,
+                    User.updated_at,
+                )
+                .where(sync_state.held_deletion())
+                .order_by(User.updated_at, User.id)
+                .limit(limit)
+            )
+            return [
+                {
+                    "id": row.id,
+                    "external_id": row.external_id,
+                    "email": row.email,
+                    "customer_id": row.cio_id or row.external_id,
+                    "reason": row.skip_reason,
+                    "held_at": row.updated_at.isoformat() if row.updated_at else None,
+                }
+                for row in rows
+            ]
+
+    async def count_held_deletions(self) -> int:
+        async with self._sessionmaker() as session:
+            count = select(func.count()).where(sync_state.held_deletion())
+            return await session.scalar(count) or 0
+
+    async def confirm_deletions(self, user_ids: list[str] | None = None) -> list[str]:
+        """Confirm the held deletions (``user_ids`` only, when given): the next pass sends
+        them, without the deletion guard counting them; returns the users confirmed."""
+        async with self._sessionmaker() as session, session.begin():
+            return await sync_state.confirm_held_deletions(session, utcnow(), user_ids)
 
     async def _load(self, session: AsyncSession, ids: list[str]) -> list[ClaimedUser]:
         users = (await session.scalars(select(User).where(User.id.in_(ids)))).all()
@@ -365,4 +437,5 @@ def _snapshot(user: User, events: list[PlatformEvent]) -> UserSnapshot:
         cio_created_at=user.cio_created_at,
         cio_deleted_at=user.cio_deleted_at,
         events=tuple(events),
+        deletion_confirmed=sync_state.is_deletion_confirmed(user),
     )

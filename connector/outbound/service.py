@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from connector.ops.status import CredentialStatusStore
 from connector.outbound.engine import (
@@ -17,9 +18,17 @@ from connector.outbound.engine import (
     ProgressCallback,
     SyncEngine,
     SyncSummary,
+    counts_against_guard,
 )
 from connector.outbound.instances import SendingInstances
-from connector.outbound.operations import Sender, UserPlan
+from connector.outbound.operations import (
+    DeleteCustomer,
+    Identify,
+    PlanAction,
+    Sender,
+    Track,
+    UserPlan,
+)
 from connector.outbound.planner import plan_user
 from connector.outbound.ratelimit import TokenBucket
 from connector.outbound.repository import OutboundRepository
@@ -33,6 +42,26 @@ SenderFactory = Callable[[ConnectorSettings, TokenBucket], Sender]
 
 CALL_REPORT_SECONDS = 5.0
 """How often a pass under way stores its failing calls, so /status shows them during a long one."""
+
+
+PREVIEW_PAGE = 500
+
+
+@dataclass
+class Preview:
+    """What a pass would do now (``sync --dry-run``): the first plans, and counts of all."""
+
+    plans: list[UserPlan] = field(default_factory=list)
+    """The first ``limit`` users' plans."""
+    users: int = 0
+    identify: int = 0
+    events: int = 0
+    delete: int = 0
+    skip: int = 0
+    anonymous: int = 0
+    held: int = 0
+    """Deletions the deletion guard would hold (all the unconfirmed ones, when over the
+    limit); ``delete`` counts the planned deletions, held or not."""
 
 
 class SyncService:
@@ -136,8 +165,31 @@ class SyncService:
         if calls.ok and not calls.failed:
             await self._credentials.clear_call_failures()
 
-    async def plan_pending(self, limit: int = 10_000) -> list[UserPlan]:
-        """What a pass would do now, without sending or changing anything."""
+    async def preview(
+        self, *, full: bool = False, limit: int | None = None, max_deletions: int = 0
+    ) -> Preview:
+        """What a pass would do now (``full``: after ``sync --full``), without sending or
+        changing anything: every pending user is planned, the first ``limit`` plans kept.
+        ``max_deletions`` is the deletion guard's limit (0: none)."""
         settings = await self._settings.load()
-        claimed = await self.repository.peek(limit)
-        return [plan_user(item.snapshot, settings) for item in claimed]
+        names = await self.repository.segment_names(settings.synchronized_segments)
+        preview = Preview()
+        guarded = 0
+        offset = 0
+        while batch := await self.repository.peek(PREVIEW_PAGE, offset, full=full):
+            offset += len(batch)
+            for item in batch:
+                plan = plan_user(item.snapshot, settings, whitelisted_names=names)
+                preview.users += 1
+                if limit is None or len(preview.plans) < limit:
+                    preview.plans.append(plan)
+                guarded += counts_against_guard(plan, item.snapshot)
+                for operation in plan.operations:
+                    preview.identify += isinstance(operation, Identify)
+                    preview.events += isinstance(operation, Track)
+                    preview.delete += isinstance(operation, DeleteCustomer)
+                preview.skip += plan.action is PlanAction.SKIP
+                preview.anonymous += plan.action is PlanAction.ANONYMOUS
+        if settings.enable_user_deletion and 0 < max_deletions < guarded:
+            preview.held = guarded
+        return preview

@@ -111,6 +111,7 @@ class AdminAPI:
         self._changes = runtime.settings_changes
         self._sessionmaker = runtime.sessionmaker
         self._scheduler = runtime.scheduler
+        self._outbound = runtime.sync.repository
         self._gate = runtime.gate
         self._audit = runtime.audit
         self._public_url = runtime.config.server.public_url
@@ -159,6 +160,33 @@ class AdminAPI:
     async def list_audit(self, request: web.Request) -> web.Response:
         """The audit log, newest first."""
         return json_response({"entries": await self._audit.recent(_history_limit(request))})
+
+    async def list_deletions(self, request: web.Request) -> web.Response:
+        """The deletions the deletion guard held, waiting for a confirmation."""
+        held = await self._outbound.held_deletions()
+        return json_response({"count": await self._outbound.count_held_deletions(), "users": held})
+
+    async def confirm_deletions(self, request: web.Request) -> web.Response:
+        """Confirm the held deletions (all, or the body's ``user_ids``); a pass sends them."""
+        user_ids: list[str] | None = None
+        if request.can_read_body:
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                return json_error(400, "the body must be an object")
+            raw = body.get("user_ids")
+            if raw is not None:
+                if not isinstance(raw, list) or not all(isinstance(i, str) for i in raw):
+                    return json_error(400, "user_ids must be a list of user ids")
+                user_ids = raw
+        confirmed = await self._outbound.confirm_deletions(user_ids)
+        if confirmed:
+            await self._audit.record(
+                AuditAction.DELETIONS_CONFIRMED,
+                {"via": VIA, "users": len(confirmed)},
+                client_address(request),
+            )
+            await self._scheduler.request_pass(VIA)
+        return json_response({"confirmed": len(confirmed), "user_ids": confirmed})
 
     async def get_quarantine(self, request: web.Request) -> web.Response:
         """How many records each pipeline set aside, with the latest reason."""
@@ -259,6 +287,8 @@ def setup_api(app: web.Application, runtime: Runtime, auth: Auth) -> None:
     app.router.add_post("/api/retry-failed", auth.admin(api.retry_failed))
     app.router.add_get("/api/runs", auth.admin(api.list_runs))
     app.router.add_get("/api/audit", auth.admin(api.list_audit))
+    app.router.add_get("/api/deletions", auth.admin(api.list_deletions))
+    app.router.add_post("/api/deletions/confirm", auth.admin(api.confirm_deletions))
     app.router.add_get("/api/users", auth.admin(api.find_users))
     app.router.add_get("/api/users/{user_id}", auth.admin(api.get_user))
     app.router.add_get("/api/events", auth.admin(api.list_events))

@@ -217,6 +217,7 @@ def _schemas() -> dict[str, Any]:
                         "deleted",
                         "failed",
                         "retrying",
+                        "held",
                         "events_sent",
                         "api_calls",
                     )
@@ -292,6 +293,31 @@ def _schemas() -> dict[str, Any]:
             }
         ),
         "AuditLog": _object({"entries": {"type": "array", "items": _ref("AuditEntry")}}),
+        "HeldDeletion": _object(
+            {
+                "id": {"type": "string", "description": "The platform's `user.id`."},
+                "external_id": _nullable("string"),
+                "email": _nullable("string"),
+                "customer_id": _nullable("string", description="The Customer.io id deleted."),
+                "reason": _nullable("string"),
+                "held_at": _OPTIONAL_TIME,
+            }
+        ),
+        "HeldDeletions": _object(
+            {
+                "count": _COUNT,
+                "users": {"type": "array", "items": _ref("HeldDeletion")},
+            },
+            description="Deletions held by `sync.max_deletions_per_pass` (the first 1,000).",
+        ),
+        "ConfirmDeletions": {
+            "type": "object",
+            "properties": {"user_ids": {"type": "array", "items": {"type": "string"}}},
+            "description": "Only these users' held deletions; all of them without it.",
+        },
+        "ConfirmedDeletions": _object(
+            {"confirmed": _COUNT, "user_ids": {"type": "array", "items": {"type": "string"}}}
+        ),
         "Segment": _object({"id": {"type": "string"}, "name": {"type": "string"}}),
         "User": _object(
             {
@@ -839,6 +865,24 @@ def _paths() -> dict[str, Any]:
                 {"200": _json("The entries.", _ref("AuditLog"))},
                 parameters=[history_limit],
                 responses={"400": bad_limit},
+            )
+        },
+        "/api/deletions": {
+            "get": _admin(
+                "Deletions held by the deletion guard, waiting for a confirmation",
+                {"200": _json("The held deletions.", _ref("HeldDeletions"))},
+            )
+        },
+        "/api/deletions/confirm": {
+            "post": _admin(
+                "Confirm the held deletions: the next pass (started now) sends them",
+                {"200": _json("The users confirmed.", _ref("ConfirmedDeletions"))},
+                changes=True,
+                requestBody={
+                    "required": False,
+                    "content": {JSON: {"schema": _ref("ConfirmDeletions")}},
+                },
+                responses={"400": _error("The body is not as described.")},
             )
         },
         "/api/users": {

@@ -14,7 +14,7 @@ from connector.outbound.operations import (
     Track,
     UserSnapshot,
 )
-from connector.outbound.planner import plan_user
+from connector.outbound.planner import plan_user as plan_with_names
 from connector.settings.model import ConnectorSettings
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "hull_notification.json"
@@ -68,6 +68,16 @@ def make_settings(**overrides: Any) -> ConnectorSettings:
     }
     values.update(overrides)
     return ConnectorSettings(**values)
+
+
+WHITELISTED_NAMES = frozenset({"Paying customers"})
+"""The names of the segments of ``make_settings``' ``synchronized_segments``."""
+SENT_IN_SEGMENT = {"hull_segments": ["Paying customers"]}
+SENT_OUTSIDE = {"hull_segments": ["Trial"]}
+
+
+def plan_user(user: UserSnapshot, settings: ConnectorSettings) -> Any:
+    return plan_with_names(user, settings, whitelisted_names=WHITELISTED_NAMES)
 
 
 def user_from_fixture() -> UserSnapshot:
@@ -257,7 +267,9 @@ def test_plan_user_batch_bypasses_segment_whitelist() -> None:
 def test_plan_user_deletes_customer_that_left_the_segments(
     overrides: dict[str, Any], expected_id: str
 ) -> None:
-    user = make_user(segments=(), events=(make_event("ev-1"),), **overrides)
+    user = make_user(
+        segments=(), events=(make_event("ev-1"),), sent_attributes=SENT_IN_SEGMENT, **overrides
+    )
 
     plan = plan_user(user, make_settings(enable_user_deletion=True))
 
@@ -297,6 +309,88 @@ def test_plan_user_not_deleted_when_off_or_never_created(
     assert plan.action is PlanAction.SKIP
     assert plan.skip_reason == "not in any whitelisted segment"
     assert plan.operations == ()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # Sent while in a whitelisted segment (among others), in none now: it left.
+        ({"cio_created_at": CREATED, "sent_attributes": SENT_IN_SEGMENT}, "delete"),
+        (
+            {
+                "cio_created_at": CREATED,
+                "sent_attributes": {"hull_segments": ["Trial", "Paying customers"]},
+            },
+            "delete",
+        ),
+        # Sent through /batch or import outside the whitelisted segments: never left.
+        ({"cio_created_at": CREATED, "sent_attributes": SENT_OUTSIDE}, "skip"),
+        ({"cio_created_at": CREATED, "sent_attributes": {"hull_segments": []}}, "skip"),
+        # Created, but Customer.io never confirmed the segments: nothing says it was in one.
+        ({"cio_created_at": CREATED, "sent_attributes": {}}, "skip"),
+        # Hull's own connector created it and did not delete it: created, and left.
+        ({"attributes": {"external_id": "u-42", "customerio/created_at": HULL_TIME}}, "delete"),
+        (
+            {
+                "attributes": {
+                    "external_id": "u-42",
+                    "customerio/created_at": HULL_TIME,
+                    "customerio/deleted_at": HULL_TIME + 60,
+                }
+            },
+            "skip",
+        ),
+        # This connector deleted it since: Hull's trait does not bring it back.
+        (
+            {
+                "attributes": {"external_id": "u-42", "customerio/created_at": HULL_TIME},
+                "cio_deleted_at": LATER,
+            },
+            "skip",
+        ),
+        # This connector's own record wins over Hull's trait.
+        (
+            {
+                "attributes": {"external_id": "u-42", "customerio/created_at": HULL_TIME},
+                "cio_created_at": CREATED,
+                "sent_attributes": SENT_OUTSIDE,
+            },
+            "skip",
+        ),
+        # Never created anywhere.
+        ({"cio_created_at": None}, "skip"),
+    ],
+)
+def test_plan_user_deletes_only_users_that_left_a_whitelisted_segment(
+    overrides: dict[str, Any], expected: str
+) -> None:
+    user = make_user(segments=({"id": "seg-trial", "name": "Trial"},), **overrides)
+
+    plan = plan_user(user, make_settings(enable_user_deletion=True))
+
+    assert plan.action.value == expected
+    if expected == "delete":
+        assert plan.operations == (DeleteCustomer("u-42"),)
+    else:
+        assert plan.operations == ()
+
+
+def test_plan_user_never_in_segments_says_why_it_is_not_deleted() -> None:
+    user = make_user(segments=(), cio_created_at=CREATED, sent_attributes=SENT_OUTSIDE)
+
+    plan = plan_user(user, make_settings(enable_user_deletion=True))
+
+    assert plan.skip_reason == "not in any whitelisted segment (never was when sent: not deleted)"
+
+
+def test_plan_user_left_segment_renamed_since_is_not_deleted() -> None:
+    user = make_user(segments=(), cio_created_at=CREATED, sent_attributes=SENT_IN_SEGMENT)
+
+    plan = plan_with_names(
+        user, make_settings(enable_user_deletion=True), whitelisted_names={"Paying (renamed)"}
+    )
+
+    assert plan.action is PlanAction.SKIP
 
 
 def test_plan_user_deletion_compares_naive_and_aware_times() -> None:

@@ -34,6 +34,7 @@ from connector.web.security import (
 )
 
 PAGE = "/admin"
+HELD_DELETIONS_SHOWN = 50
 LOGIN = "/admin/login"
 VIA = "page"
 """How the settings page names itself in the run history and the audit log."""
@@ -209,6 +210,7 @@ class SettingsPage:
         self._scheduler = runtime.scheduler
         self._audit = runtime.audit
         self._scheduled = runtime.config.sync.scheduled
+        self._outbound = runtime.sync.repository
         self._public_url = runtime.config.server.public_url
 
     async def login_form(self, request: web.Request) -> web.StreamResponse:
@@ -278,6 +280,8 @@ class SettingsPage:
             outbound = await stats.outbound_stats(db)
             held = await quarantine.quarantined(db)
             runs = await stats.recent_runs(db, RUNS_SHOWN)
+        held_deletions = await self._outbound.held_deletions(limit=HELD_DELETIONS_SHOWN)
+        held_count = await self._outbound.count_held_deletions()
         gate = await self._gate.current()
         status = await stats.service_status(self._sessionmaker, self._settings, self._credentials)
         metrics = values["incoming_metrics"]
@@ -304,6 +308,8 @@ class SettingsPage:
             "quarantine": held,
             "runs": runs,
             "audit": await self._audit.recent(AUDIT_SHOWN),
+            "held_deletions": held_deletions,
+            "held_deletions_count": held_count,
             "status": status,
             "credentials": await self._credentials.get(),
             "test": test,
@@ -389,6 +395,19 @@ class SettingsPage:
         )
         raise _see_other(f"{PAGE}#status")
 
+    async def confirm_deletions(self, request: web.Request) -> web.StreamResponse:
+        """*Confirm deletions*: the held deletions become pending, and a pass sends them."""
+        confirmed = await self._outbound.confirm_deletions()
+        if confirmed:
+            await self._audit.record(
+                AuditAction.DELETIONS_CONFIRMED,
+                {"via": VIA, "users": len(confirmed)},
+                client_address(request),
+            )
+            await self._scheduler.request_pass(VIA, wait=not self._scheduled)
+        _flash(request, f"{len(confirmed)} deletion(s) confirmed: the next pass sends them.")
+        raise _see_other(f"{PAGE}#deletions")
+
 
 def setup_routes(
     app: web.Application, runtime: Runtime, auth: Auth, sessions: AdminSessions
@@ -404,3 +423,4 @@ def setup_routes(
     app.router.add_post("/admin/webhook-url/rotate", login_required(page.rotate_webhook_url))
     app.router.add_post("/admin/sync", login_required(page.sync_now))
     app.router.add_post("/admin/retry-failed", login_required(page.retry_failed))
+    app.router.add_post("/admin/deletions/confirm", login_required(page.confirm_deletions))
