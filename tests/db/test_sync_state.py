@@ -30,6 +30,8 @@ STORED = [
     (SyncStatus.DELETED, "deleted"),
     (SyncStatus.RETRYING, "retrying"),
     (SyncStatus.FAILED, "failed"),
+    (SyncStatus.HELD, "held"),
+    (SyncStatus.CONFIRMED, "confirmed"),
 ]
 
 
@@ -50,7 +52,7 @@ def test_sync_status_model_default_is_new():
 
 
 def test_sync_status_pass_results_are_the_settled_statuses():
-    assert {"synced", "anonymous", "skipped", "deleted", "failed"} == PASS_RESULTS
+    assert {"synced", "anonymous", "skipped", "deleted", "failed", "held"} == PASS_RESULTS
 
 
 @pytest.mark.parametrize("status", ["new", "pending", "inbound", "retrying", "sent", ""])

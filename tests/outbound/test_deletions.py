@@ -10,6 +10,7 @@ from typing import Any
 
 from ..conftest import ADMIN
 from ..helpers import message
+from ..web.test_admin import csrf_in, log_in, number, page_html
 from .test_service import configure, get_user, notify, sync
 
 
@@ -171,3 +172,47 @@ async def test_deletions_confirm_rejects_a_bad_body(start_app):
     resp = await client.post("/api/deletions/confirm", json={"user_ids": "u1"}, headers=ADMIN)
     assert resp.status == 400
     assert (await client.post("/api/deletions/confirm")).status == 401
+
+
+async def test_deletions_held_are_shown_on_the_page_and_confirmed_there(start_app, fake_cio):
+    client = await start_app(sync={"max_deletions_per_pass": 2})
+    await configure(client, enable_user_deletion=True)
+    await notify_all(client, users(4))
+    await sync(client)
+    await notify_all(client, users(3, segments=("seg-trial",)))
+    assert (await sync(client))["held"] == 3
+    await log_in(client)
+
+    html = await page_html(client)
+    assert number(html, "held-deletions") == 3
+    assert 'id="confirm-deletions"' in html
+    resp = await client.post(
+        "/admin/deletions/confirm", data={"csrf_token": csrf_in(html)}, allow_redirects=False
+    )
+    assert resp.status == 303
+
+    assert deleted_ids(fake_cio) == {"ext-0", "ext-1", "ext-2"}
+    html = await page_html(client)
+    assert 'id="confirm-deletions"' not in html
+    assert "3 deletion(s) confirmed" in html
+    audit = await (await client.get("/api/audit", headers=ADMIN)).json()
+    confirmed = [e for e in audit["entries"] if e["action"] == "deletions_confirmed"]
+    assert [e["detail"] for e in confirmed] == [{"via": "page", "users": 3}]
+
+
+async def test_deletions_confirm_form_checks_the_csrf_token(start_app, fake_cio):
+    client = await start_app(sync={"max_deletions_per_pass": 1})
+    await configure(client, enable_user_deletion=True)
+    await notify_all(client, users(2))
+    await sync(client)
+    await notify_all(client, users(2, segments=("seg-trial",)))
+    assert (await sync(client))["held"] == 2
+    await log_in(client)
+
+    resp = await client.post(
+        "/admin/deletions/confirm", data={"csrf_token": "wrong"}, allow_redirects=False
+    )
+
+    assert resp.status == 403
+    assert (await (await client.get("/api/deletions", headers=ADMIN)).json())["count"] == 2
+    assert fake_cio.requests_for("DELETE") == []
