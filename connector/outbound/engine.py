@@ -37,6 +37,7 @@ from connector.outbound.operations import (
     SendResult,
     Track,
     UserPlan,
+    operation_name,
 )
 from connector.outbound.planner import plan_user
 from connector.outbound.repository import ClaimedUser, OutboundRepository, UserOutcome
@@ -161,16 +162,6 @@ class UnauthorizedError(Exception):
 def attributes_hash(attributes: dict[str, Any]) -> str:
     encoded = json.dumps(attributes, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(encoded.encode()).hexdigest()
-
-
-def _operation_name(operation: Operation) -> str:
-    if isinstance(operation, Identify):
-        return "identify"
-    if isinstance(operation, DeleteCustomer):
-        return "delete"
-    if operation.page:
-        return "page"
-    return "track_anonymous" if operation.customer_id is None else "track"
 
 
 _INITIAL_STATUS = {
@@ -311,9 +302,7 @@ class SyncEngine:
             result = await sender.send(operation)
             outcome.api_calls += 1
             calls.record(result)
-            self._metrics.api_calls.labels(
-                _operation_name(operation), str(result.status or 0)
-            ).inc()
+            self._metrics.api_calls.labels(operation_name(operation), str(result.status or 0)).inc()
             if result.outcome is not SendOutcome.THROTTLED:
                 break
         return result
