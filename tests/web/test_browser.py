@@ -344,3 +344,24 @@ def test_browser_status_counts_change_after_a_sync_and_a_webhook(
     assert page.inner_text("#webhook-last") != "never"
 
     page.screenshot(path=str(screenshots / "settings-page.png"), full_page=True)
+
+
+def test_browser_searches_a_user_and_opens_it(page, service: Service):
+    service.post_json(
+        "/smart-notifier",
+        notification(message("u-debug-1", external_id="debug-42", email="Debug@example.com")),
+        {"Authorization": f"Bearer {INGEST_TOKEN}"},
+    )
+    logged_in(page)
+    page.fill("#user-search", "debug@EXAMPLE.com")
+    page.click("#user-search-go")
+    page.wait_for_url(re.compile(r"/admin/users/u-debug-1$"))
+    assert state(page, "user-id") == "u-debug-1"
+    assert state(page, "user-email") == "Debug@example.com"
+    assert state(page, "user-external-id") == "debug-42"
+    assert "Paying" in page.inner_text("#user-segments")
+    # A search from the debugger itself: nothing found is said so.
+    page.fill("#user-search", "nobody-at-all")
+    page.click("#user-search-go")
+    page.wait_for_selector("#user-none")
+    assert "nobody-at-all" in page.inner_text("#user-none")
