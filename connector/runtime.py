@@ -101,7 +101,7 @@ def instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def customerio_sender_factory(config: Config) -> SenderFactory:
+def customerio_sender_factory(config: Config, metrics: Metrics | None = None) -> SenderFactory:
     def build(settings: ConnectorSettings, bucket: TokenBucket) -> CustomerIOSender:
         return CustomerIOSender.from_config(
             settings.site_id,
@@ -110,6 +110,7 @@ def customerio_sender_factory(config: Config) -> SenderFactory:
             config.customerio,
             config.sync,
             bucket=bucket,
+            metrics=metrics,
         )
 
     return build
@@ -150,9 +151,10 @@ def build_runtime(
         engine=SyncEngine(repository, config.sync, metrics),
         settings=settings,
         credentials=credentials,
-        sender_factory=sender_factory or customerio_sender_factory(config),
+        sender_factory=sender_factory or customerio_sender_factory(config, metrics),
         instances=SendingInstances(sessionmaker, repository.instance_id),
         rate_limit_per_second=config.sync.rate_limit_per_second,
+        metrics=metrics,
     )
     gate = WebhookGate(kv, settings)
     processor = InboundProcessor(sessionmaker, settings, metrics, config.sync.lease_seconds)

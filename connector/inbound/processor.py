@@ -97,6 +97,8 @@ class _Delivery:
     event_name: str | None = None
     error: str | None = None
     event: InboundEvent | None = None
+    tracked_at: datetime | None = None
+    """When its tracked event was stored (by this delivery, not by an earlier one)."""
 
 
 def _claimable(now: datetime):
@@ -207,6 +209,10 @@ class InboundProcessor:
                 raise
             log.warning("a batch of %d webhooks failed; processing them one by one", len(events))
             await self._process_one_by_one(deliveries, events, settings)
+        for delivery in deliveries:
+            if delivery.tracked_at is not None and delivery.status in ("processed", "unmatched"):
+                lag = (delivery.tracked_at - delivery.received_at).total_seconds()
+                self._metrics.webhook_lag_seconds.observe(max(lag, 0.0))
         counts = Counter((d.status, d.event_name or "") for d in deliveries)
         for (outcome, name), count in counts.items():
             summary.count(outcome, count)
@@ -279,6 +285,8 @@ class InboundProcessor:
             rows,
         )
         tracked = dict(sorted((event_id, tracked_id) for tracked_id, event_id in result))
+        for event_id in tracked:
+            first[event_id].tracked_at = now
         if not tracked or not settings.forward_url:
             return
         await enqueue(

@@ -117,21 +117,43 @@ def _parse_event(raw: Any, position: int) -> PlatformEvent:
     name = _bounded(_text(raw.get("event")), f"events[{position}].event")
     if not name:
         raise ValueError(f"events[{position}] has no 'event' name")
-    event_id = _text(raw.get("event_id")) or _text(raw.get("id"))
-    if not event_id:
-        raise ValueError(f"events[{position}] has no 'event_id'")
-    _bounded(event_id, f"events[{position}].event_id")
     properties = raw.get("properties") or {}
     context = raw.get("context") or {}
     if not isinstance(properties, dict) or not isinstance(context, dict):
         raise ValueError(f"events[{position}] properties and context must be objects")
+    occurred_at = _datetime(raw.get("created_at"), f"events[{position}].created_at")
+    event_id = _text(raw.get("event_id")) or _text(raw.get("id"))
+    if event_id is None:
+        event_id = content_event_id(name, occurred_at, properties, context)
+    _bounded(event_id, f"events[{position}].event_id")
     return PlatformEvent(
         event_id=event_id,
         name=name,
         properties=properties,
         context=context,
-        occurred_at=_datetime(raw.get("created_at"), f"events[{position}].created_at"),
+        occurred_at=occurred_at,
     )
+
+
+def content_event_id(
+    name: str,
+    occurred_at: datetime | None,
+    properties: dict[str, Any],
+    context: dict[str, Any],
+) -> str:
+    """The id of an event the platform sent without ``event_id``: ``sha256:`` and the hash
+    of its canonical JSON (name, time, properties, context), so that the same event sent again
+    gets the same id (and is stored, and sent to Customer.io, once)."""
+    document = {
+        "name": name,
+        "created_at": occurred_at.isoformat() if occurred_at else None,
+        "properties": properties,
+        "context": context,
+    }
+    encoded = json.dumps(
+        document, sort_keys=True, default=str, separators=(",", ":"), ensure_ascii=False
+    )
+    return "sha256:" + hashlib.sha256(encoded.encode()).hexdigest()
 
 
 def _segments(raw: Any) -> list[dict[str, Any]]:

@@ -110,8 +110,8 @@ def compute_status(
         latest = quarantine.get("users")
         because = f" (latest: {latest.reason})" if latest and latest.reason else ""
         errors.append(
-            f"{failed_users} user(s) failed to sync{because}; see GET /api/users/{{id}}, "
-            f"and POST /api/retry-failed once fixed"
+            f"{failed_users} user(s) failed to sync{because}; see /admin/users/{{id}} "
+            f"(or GET /api/users/{{id}}), and POST /api/retry-failed once fixed"
         )
     for name, what in _QUARANTINE_WORDS.items():
         held = quarantine.get(name)

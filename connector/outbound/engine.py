@@ -43,6 +43,7 @@ from connector.outbound.operations import (
     Track,
     UserPlan,
     UserSnapshot,
+    operation_name,
 )
 from connector.outbound.planner import plan_user
 from connector.outbound.repository import ClaimedUser, OutboundRepository, UserOutcome
@@ -227,16 +228,6 @@ def attributes_hash(attributes: dict[str, Any]) -> str:
     return hashlib.sha256(encoded.encode()).hexdigest()
 
 
-def _operation_name(operation: Operation) -> str:
-    if isinstance(operation, Identify):
-        return "identify"
-    if isinstance(operation, DeleteCustomer):
-        return "delete"
-    if operation.page:
-        return "page"
-    return "track_anonymous" if operation.customer_id is None else "track"
-
-
 _INITIAL_STATUS = {
     PlanAction.SEND: SyncStatus.SYNCED,
     PlanAction.ANONYMOUS: SyncStatus.ANONYMOUS,
@@ -410,9 +401,7 @@ class SyncEngine:
             result = await sender.send(operation)
             outcome.api_calls += 1
             calls.record(result)
-            self._metrics.api_calls.labels(
-                _operation_name(operation), str(result.status or 0)
-            ).inc()
+            self._metrics.api_calls.labels(operation_name(operation), str(result.status or 0)).inc()
             if result.outcome is not SendOutcome.THROTTLED:
                 break
         return result

@@ -80,6 +80,17 @@ class DeleteCustomer:
 Operation = Identify | Track | DeleteCustomer
 
 
+def operation_name(operation: Operation) -> str:
+    """The operation's label in metrics: identify, delete, page, track or track_anonymous."""
+    if isinstance(operation, Identify):
+        return "identify"
+    if isinstance(operation, DeleteCustomer):
+        return "delete"
+    if operation.page:
+        return "page"
+    return "track_anonymous" if operation.customer_id is None else "track"
+
+
 class PlanAction(enum.StrEnum):
     SEND = "send"
     """Identify (when anything changed) and/or events for a customer."""

@@ -404,6 +404,17 @@ class OutboundRepository:
             await session.execute(delete(SyncRun).where(SyncRun.id < oldest_kept))
             return run.id
 
+    async def last_pass_finished_at(self, except_errors: Sequence[str]) -> datetime | None:
+        """When the latest pass (of any instance or CLI process, not a dry run) finished with
+        none of ``except_errors``."""
+        async with self._sessionmaker() as session:
+            return await session.scalar(
+                select(func.max(SyncRun.finished_at)).where(
+                    SyncRun.dry_run.is_(False),
+                    or_(SyncRun.error.is_(None), SyncRun.error.not_in(except_errors)),
+                )
+            )
+
     async def finish_run(
         self,
         run_id: int,

@@ -30,7 +30,15 @@ from customerio import CustomerIO, CustomerIOException, Regions
 from urllib3.util.retry import Retry
 
 from connector.config import CustomerioConfig, SyncConfig
-from connector.outbound.operations import DeleteCustomer, Identify, Operation, SendResult, Track
+from connector.ops.metrics import Metrics
+from connector.outbound.operations import (
+    DeleteCustomer,
+    Identify,
+    Operation,
+    SendResult,
+    Track,
+    operation_name,
+)
 from connector.outbound.ratelimit import TokenBucket
 from connector.rules.delivery import SendOutcome, classify_status, parse_retry_after, throttle_pause
 
@@ -198,6 +206,7 @@ class CustomerIOSender:
         bucket: TokenBucket,
         throttle_base_seconds: float = 1.0,
         throttle_max_seconds: float = 60.0,
+        metrics: Metrics | None = None,
     ):
         if region not in REGIONS:
             raise ValueError(f"unknown region {region!r}: expected one of {sorted(REGIONS)}")
@@ -220,6 +229,7 @@ class CustomerIOSender:
         self._clients_lock = threading.Lock()
         self._closed = False
         self._backpressure = _Backpressure(throttle_base_seconds, throttle_max_seconds)
+        self._latency = (metrics or Metrics()).track_request_seconds
 
     @classmethod
     def from_config(
@@ -231,6 +241,7 @@ class CustomerIOSender:
         sync: SyncConfig,
         *,
         bucket: TokenBucket | None = None,
+        metrics: Metrics | None = None,
     ) -> CustomerIOSender:
         """A sender paced by ``bucket``; without one, by a bucket of the whole rate limit."""
         return cls(
@@ -242,6 +253,7 @@ class CustomerIOSender:
             bucket=TokenBucket(sync.rate_limit_per_second) if bucket is None else bucket,
             throttle_base_seconds=sync.backoff_base_seconds,
             throttle_max_seconds=sync.backoff_max_seconds,
+            metrics=metrics,
         )
 
     def _new_client(self) -> CustomerIO:
@@ -323,6 +335,7 @@ class CustomerIOSender:
 
     async def send(self, operation: Operation) -> SendResult:
         call = self._call_for(operation)
+        latency = self._latency.labels(operation_name(operation))
 
         def attempt(client: CustomerIO) -> tuple[SendResult, float, str | None]:
             self._local.retry_after = None
@@ -330,7 +343,9 @@ class CustomerIOSender:
             try:
                 response = call(client)
             except CustomerIOException as exc:
+                latency.observe(time.monotonic() - sent_at)
                 return result_from_exception(exc), sent_at, self._local.retry_after
+            latency.observe(time.monotonic() - sent_at)
             return SendResult(SendOutcome.OK, response.status_code), sent_at, None
 
         result, sent_at, retry_after = await self._run(attempt)

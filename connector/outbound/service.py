@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from connector.ops.metrics import Metrics
 from connector.ops.status import CredentialStatusStore
 from connector.outbound.engine import (
     INVALID_CREDENTIALS,
@@ -39,6 +41,9 @@ log = logging.getLogger("connector.outbound")
 
 SenderFactory = Callable[[ConnectorSettings, TokenBucket], Sender]
 """Builds a pass's sender, which paces its requests with the given bucket."""
+
+CREDENTIALS_ERRORS = (INVALID_CREDENTIALS, MISSING_CREDENTIALS)
+"""The pass errors after which the sync is not "successful" (the alerting metric's rule)."""
 
 CALL_REPORT_SECONDS = 5.0
 """How often a pass under way stores its failing calls, so /status shows them during a long one."""
@@ -74,6 +79,7 @@ class SyncService:
         sender_factory: SenderFactory,
         instances: SendingInstances,
         rate_limit_per_second: float,
+        metrics: Metrics | None = None,
     ):
         self.repository = repository
         self.instances = instances
@@ -82,6 +88,7 @@ class SyncService:
         self._credentials = credentials
         self._sender_factory = sender_factory
         self._rate_limit = rate_limit_per_second
+        self._metrics = metrics or Metrics()
         self._lock = asyncio.Lock()
 
     @property
@@ -130,6 +137,7 @@ class SyncService:
             await self.repository.finish_run(
                 run_id, summary.run_counts(), summary.error, summary.error_reasons
             )
+            self._metrics.pass_finished(time.time(), summary.error in CREDENTIALS_ERRORS)
             level = logging.INFO if summary.users or summary.error else logging.DEBUG
             log.log(level, "sync finished", extra={"trigger": trigger, **summary.as_dict()})
             return summary
@@ -164,6 +172,12 @@ class SyncService:
         await report()
         if calls.ok and not calls.failed:
             await self._credentials.clear_call_failures()
+
+    async def last_success_at(self) -> float | None:
+        """When the latest pass without a credentials error finished, whichever process ran
+        it (Unix time)."""
+        finished = await self.repository.last_pass_finished_at(CREDENTIALS_ERRORS)
+        return finished.timestamp() if finished is not None else None
 
     async def preview(
         self, *, full: bool = False, limit: int | None = None, max_deletions: int = 0

@@ -12,7 +12,11 @@ batch visible to the later identities:
 
 1. the customer id, against the id the outbound sync sent (``users.cio_id``), then against
    ``user_id_mapping`` (``external_id``, ``email`` case-insensitively, ``id`` or an attribute);
-2. the email, case-insensitively;
+2. the email, case-insensitively, taking only a user whose customer id is unknown or the
+   identity's (:meth:`BatchResolver.may_take_by_email`): two customers sharing an address stay
+   two users. A user's customer id is known when it has ``users.cio_id`` or a value of
+   ``user_id_mapping`` (under the ``email`` and ``id`` mappings, every user with an email or
+   an id has one);
 3. Customer.io's ``cio_id`` (``users.cio_ref``);
 
 the oldest user (``created_at``, then ``id``) winning a tie. Failing all, a user
@@ -56,8 +60,8 @@ TRACKED = TrackedEvent.__table__
 # sends them (or they are merged into a user it sends).
 WEBHOOK_USER_PREFIX = "cio:"
 WEBHOOK_USER_STATUS = SyncStatus.INBOUND
-# What resolution needs of a user; loaded for every candidate.
-_COLUMNS = (USERS.c.id, USERS.c.created_at, USERS.c.email, USERS.c.cio_ref)
+# What resolution needs of a user; loaded for every candidate (with its mapped customer id).
+_COLUMNS = (USERS.c.id, USERS.c.created_at, USERS.c.email, USERS.c.cio_id, USERS.c.cio_ref)
 
 
 def mapping_expression(user_id_mapping: str, dialect: str) -> Any:
@@ -118,6 +122,10 @@ class _User:
     ``(created_at, 1, n)`` for the n-th user created by this batch."""
     email: str | None
     cio_ref: str | None
+    cio_id: str | None
+    """The customer id the outbound sync sent, or the webhook that created it carried."""
+    mapped: str | None
+    """Its value of ``user_id_mapping`` (as :func:`mapping_key` gives it)."""
     row: dict[str, Any] | None = None
     """The row to insert, for a user created by this batch."""
     learnt: dict[str, str] = field(default_factory=dict)
@@ -141,6 +149,24 @@ class _Index:
         return self.users.get(key)
 
 
+class _MultiIndex:
+    """Every user for each value of one lookup, oldest first."""
+
+    def __init__(self) -> None:
+        self.users: dict[Any, list[_User]] = {}
+
+    def add(self, key: Any, user: _User) -> None:
+        if key is None:
+            return
+        users = self.users.setdefault(key, [])
+        if user not in users:
+            users.append(user)
+            users.sort(key=lambda u: u.rank)
+
+    def get(self, key: Any) -> list[_User]:
+        return self.users.get(key, [])
+
+
 class BatchResolver:
     """Resolves the identities of one batch in order (see the module's docstring)."""
 
@@ -151,7 +177,7 @@ class BatchResolver:
         self._created = itertools.count()
         self.by_cio_id = _Index()
         self.by_mapping = _Index()
-        self.by_email = _Index()
+        self.by_email = _MultiIndex()
         self.by_cio_ref = _Index()
         self.by_id: dict[str, _User] = {}
 
@@ -166,6 +192,8 @@ class BatchResolver:
                 rank=(row.created_at, 0, row.id),
                 email=row.email,
                 cio_ref=row.cio_ref,
+                cio_id=row.cio_id,
+                mapped=row.mapped,
             )
             self._known[row.id] = user
         return user
@@ -178,16 +206,12 @@ class BatchResolver:
     async def load(self, session: AsyncSession, identities: Sequence[Identity]) -> None:
         """Load every stored user that can matter to ``identities``: one query per lookup,
         each only for the identities the lookups before it left unresolved."""
+        self._mapped = mapping_expression(self._mapping, session.bind.dialect.name).label("mapped")
         customer_ids = {i.customer_id for i in identities if i.customer_id}
         await self._load(session, self.by_cio_id, USERS.c.cio_id, customer_ids)
         pending = [i for i in identities if not self._found_stored(i)]
         mapping_keys = {mapping_key(i.customer_id, self._mapping) for i in pending if i.customer_id}
-        await self._load(
-            session,
-            self.by_mapping,
-            mapping_expression(self._mapping, session.bind.dialect.name),
-            mapping_keys,
-        )
+        await self._load(session, self.by_mapping, self._mapped.element, mapping_keys)
         pending = [i for i in pending if not self._found_stored(i)]
         emails = {i.email.lower() for i in pending if i.email}
         await self._load(session, self.by_email, func.lower(USERS.c.email), emails)
@@ -197,24 +221,26 @@ class BatchResolver:
         pending = [i for i in pending if not self._found_stored(i)]
         if pending:
             ids = {candidate_id(i) for i in pending}
-            rows = await session.execute(select(*_COLUMNS).where(USERS.c.id.in_(ids)))
+            rows = await session.execute(select(*_COLUMNS, self._mapped).where(USERS.c.id.in_(ids)))
             for row in rows:
                 self.by_id[row.id] = self.stored(row)
 
     async def _load(
-        self, session: AsyncSession, index: _Index, expression: Any, keys: set[str]
+        self, session: AsyncSession, index: _Index | _MultiIndex, expression: Any, keys: set[str]
     ) -> None:
         if not keys:
             return
         query = (
-            select(*_COLUMNS, expression.label("lookup_key"))
+            select(*_COLUMNS, self._mapped, expression.label("lookup_key"))
             .where(expression.in_(keys))
             .order_by(USERS.c.created_at, USERS.c.id)
         )
         for row in await session.execute(query):
             user = self.stored(row)
+            if isinstance(index, _MultiIndex):
+                index.add(row.lookup_key, user)
             # Rows come oldest first: the first of each key is the one a lookup takes.
-            if row.lookup_key not in index.users:
+            elif row.lookup_key not in index.users:
                 index.users[row.lookup_key] = user
 
     # -- resolving -------------------------------------------------------------------------
@@ -229,12 +255,20 @@ class BatchResolver:
             if user is not None:
                 return user
         if identity.email:
-            user = self.by_email.get(identity.email.lower())
-            if user is not None:
-                return user
+            for user in self.by_email.get(identity.email.lower()):
+                if self.may_take_by_email(user, identity):
+                    return user
         if identity.cio_id:
             return self.by_cio_ref.get(identity.cio_id)
         return None
+
+    def may_take_by_email(self, user: _User, identity: Identity) -> bool:
+        """Whether ``identity`` may be attached to ``user`` by its email: only if the user's
+        customer id is unknown or the identity's (SPEC §6)."""
+        if not identity.customer_id:
+            return True
+        key = mapping_key(identity.customer_id, self._mapping)
+        return user.cio_id in (None, identity.customer_id) and user.mapped in (None, key)
 
     def resolve(self, identity: Identity) -> _User:
         """The user of ``identity`` (which must not be empty), created if none matches, and
@@ -252,21 +286,27 @@ class BatchResolver:
         number = next(self._created)
         created_at = self._now + timedelta(microseconds=number)
         row = new_user_row(identity, self._mapping, created_at)
+        if self._mapping == "external_id":
+            mapped = row["external_id"]
+        elif self._mapping == "id":
+            mapped = row["id"]
+        elif self._mapping == "email":
+            mapped = None  # set by _index_email
+        else:
+            mapped = row["attributes"].get(self._mapping)
         user = _User(
             id=row["id"],
             rank=(created_at, 1, number),
             email=row["email"],
             cio_ref=row["cio_ref"],
+            cio_id=row["cio_id"],
+            mapped=mapped,
             row=row,
         )
         self.by_id[user.id] = user
         self.by_cio_id.add(row["cio_id"], user)
-        if self._mapping == "external_id":
-            self.by_mapping.add(row["external_id"], user)
-        elif self._mapping == "id":
-            self.by_mapping.add(user.id, user)
-        elif self._mapping != "email":
-            self.by_mapping.add(row["attributes"].get(self._mapping), user)
+        if self._mapping != "email":
+            self.by_mapping.add(mapped, user)
         self._index_email(user)
         self.by_cio_ref.add(user.cio_ref, user)
         return user
@@ -277,7 +317,8 @@ class BatchResolver:
         # Inbound emails are ASCII (see mapping.parse_email), so Python's lower() is SQL's.
         self.by_email.add(user.email.lower(), user)
         if self._mapping == "email":
-            self.by_mapping.add(user.email.lower(), user)
+            user.mapped = user.email.lower()
+            self.by_mapping.add(user.mapped, user)
 
     def _learn(self, user: _User, identity: Identity) -> None:
         if identity.cio_id and not user.cio_ref:
@@ -314,7 +355,9 @@ class BatchResolver:
             if lost:
                 # Another instance created the same users a moment ago: take theirs, and let
                 # them learn what these would have brought.
-                rows = await session.execute(select(*_COLUMNS).where(USERS.c.id.in_(lost)))
+                rows = await session.execute(
+                    select(*_COLUMNS, self._mapped).where(USERS.c.id.in_(lost))
+                )
                 for row in rows:
                     mine = lost[row.id]
                     assert mine.row is not None

@@ -6,7 +6,8 @@ from typing import Any
 
 from aiohttp import web
 from marshmallow import ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from connector.db.models import TrackedEvent, User, UserEvent
 from connector.db.sync_state import has_status
@@ -15,6 +16,7 @@ from connector.ops import quarantine, stats
 from connector.ops.audit import AuditAction, settings_change
 from connector.rules.safe_json import MAX_INTEGER
 from connector.runtime import Runtime
+from connector.users.identity import mapping_expression
 from connector.web.auth import Auth
 from connector.web.responses import json_error, json_response, read_json
 from connector.web.security import client_address
@@ -65,6 +67,7 @@ def user_json(user: User) -> dict[str, Any]:
             "hash": user.cio_hash,
             "cio_id": user.cio_ref,
             "last_error": user.last_error,
+            "sent_attributes": user.sent_attributes or {},
         },
         "updated_at": user.updated_at,
     }
@@ -83,6 +86,66 @@ def tracked_json(event: TrackedEvent) -> dict[str, Any]:
         "occurred_at": event.occurred_at,
         "received_at": event.created_at,
     }
+
+
+def search_condition(q: str, user_id_mapping: str, dialect: str) -> Any:
+    """Users that ``q`` names: their platform id, external id, customer id (the one sent to
+    Customer.io, or the ``user_id_mapping`` value it will be), Customer.io's ``cio_id``, or
+    their email (case-insensitively)."""
+    return or_(
+        User.id == q,
+        User.external_id == q,
+        User.cio_id == q,
+        User.cio_ref == q,
+        mapping_expression(user_id_mapping, dialect) == q,
+        func.lower(User.email) == q.lower(),
+    )
+
+
+async def find_users(
+    session: AsyncSession,
+    user_id_mapping: str,
+    *,
+    q: str | None = None,
+    email: str | None = None,
+    external_id: str | None = None,
+    status: str | None = None,
+) -> list[User]:
+    """Up to :data:`MAX_USERS_LISTED` users matching every filter given, by id."""
+    query = select(User).order_by(User.id).limit(MAX_USERS_LISTED)
+    if q:
+        query = query.where(search_condition(q, user_id_mapping, session.bind.dialect.name))
+    if email:
+        query = query.where(User.email == email)
+    if external_id:
+        query = query.where(User.external_id == external_id)
+    if status:
+        query = query.where(has_status(status))
+    return list((await session.scalars(query)).all())
+
+
+async def user_detail(session: AsyncSession, user_id: str) -> dict[str, Any] | None:
+    """The user as ``GET /api/users/{id}`` shows it, with its recent platform events (and
+    their outcome) and tracked inbound events; None if there is no such user."""
+    user = await session.get(User, user_id)
+    if user is None:
+        return None
+    events = await session.scalars(
+        select(UserEvent)
+        .where(UserEvent.user_id == user_id)
+        .order_by(UserEvent.received_at.desc(), UserEvent.id.desc())
+        .limit(RECENT_EVENTS)
+    )
+    data = user_json(user)
+    data["events"] = [_event_json(event) for event in events]
+    tracked = await session.scalars(
+        select(TrackedEvent)
+        .where(TrackedEvent.user_id == user_id)
+        .order_by(TrackedEvent.occurred_at.desc(), TrackedEvent.id.desc())
+        .limit(RECENT_EVENTS)
+    )
+    data["tracked_events"] = [tracked_json(event) for event in tracked]
+    return data
 
 
 def _positive_int(raw: str | None, default: int, name: str) -> int:
@@ -197,36 +260,22 @@ class AdminAPI:
     async def get_user(self, request: web.Request) -> web.Response:
         user_id = request.match_info["user_id"]
         async with self._sessionmaker() as session:
-            user = await session.get(User, user_id)
-            if user is None:
-                return json_error(404, f"no user {user_id!r}")
-            events = await session.scalars(
-                select(UserEvent)
-                .where(UserEvent.user_id == user_id)
-                .order_by(UserEvent.received_at.desc(), UserEvent.id.desc())
-                .limit(RECENT_EVENTS)
-            )
-            data = user_json(user)
-            data["events"] = [_event_json(event) for event in events]
-            tracked = await session.scalars(
-                select(TrackedEvent)
-                .where(TrackedEvent.user_id == user_id)
-                .order_by(TrackedEvent.occurred_at.desc(), TrackedEvent.id.desc())
-                .limit(RECENT_EVENTS)
-            )
-            data["tracked_events"] = [tracked_json(event) for event in tracked]
+            data = await user_detail(session, user_id)
+        if data is None:
+            return json_error(404, f"no user {user_id!r}")
         return json_response(data)
 
     async def find_users(self, request: web.Request) -> web.Response:
-        query = select(User).order_by(User.id).limit(MAX_USERS_LISTED)
-        if email := request.query.get("email"):
-            query = query.where(User.email == email)
-        if external_id := request.query.get("external_id"):
-            query = query.where(User.external_id == external_id)
-        if status := request.query.get("status"):
-            query = query.where(has_status(status))
+        settings = await self._settings.load()
         async with self._sessionmaker() as session:
-            users = (await session.scalars(query)).all()
+            users = await find_users(
+                session,
+                settings.user_id_mapping,
+                q=request.query.get("q", "").strip(),
+                email=request.query.get("email"),
+                external_id=request.query.get("external_id"),
+                status=request.query.get("status"),
+            )
         return json_response({"users": [user_json(user) for user in users]})
 
     async def list_events(self, request: web.Request) -> web.Response:

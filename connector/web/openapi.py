@@ -355,6 +355,10 @@ def _schemas() -> dict[str, Any]:
                             "string", description="Customer.io's own id, from webhooks."
                         ),
                         "last_error": _nullable("string"),
+                        "sent_attributes": {
+                            "type": "object",
+                            "description": "The attributes Customer.io accepted, as last sent.",
+                        },
                     }
                 ),
                 "updated_at": _OPTIONAL_TIME,
@@ -890,6 +894,12 @@ def _paths() -> dict[str, Any]:
                 f"Find users (up to {MAX_USERS_LISTED}, by id)",
                 {"200": _json("The users that match every given filter.", _ref("Users"))},
                 parameters=[
+                    _query(
+                        "q",
+                        "The platform id, external id, customer id (sent, or by "
+                        "`user_id_mapping`), Customer.io `cio_id`, or email "
+                        "(case-insensitively) of the user: the settings page's search.",
+                    ),
                     _query("email", "Exactly this email."),
                     _query("external_id", "Exactly this external id."),
                     _query("status", "This sync status (`sync.status`)."),

@@ -152,6 +152,47 @@ async def test_processor_customer_id_beats_email_and_email_is_case_insensitive(r
     }
 
 
+async def test_processor_two_customers_sharing_an_email_stay_two_users(runtime):
+    await store(
+        runtime,
+        webhook("e1", customer_id="c1", email="test@example.com"),
+        webhook("e2", customer_id="c2", email="test@example.com"),
+        webhook("e3", email="TEST@example.com"),
+    )
+    await runtime.processor.process_pending()
+    events = await tracked(runtime)
+    assert {e: events[e].user_id for e in events} == {
+        "e1": "cio:c1",
+        "e2": "cio:c2",
+        "e3": "cio:c1",  # no customer id: the email takes the oldest user
+    }
+    assert {u.id: u.cio_id for u in (await users(runtime)).values()} == {
+        "cio:c1": "c1",
+        "cio:c2": "c2",
+    }
+
+
+@pytest.mark.parametrize(
+    ("stored", "customer_id", "expected"),
+    [
+        # The email is taken only when the stored user's customer id is unknown or the same.
+        ({}, "c1", "by-email"),
+        ({"external_id": "c2"}, "c1", "cio:c1"),
+        ({"cio_id": "c2"}, "c1", "cio:c1"),
+        ({"cio_id": "c2"}, None, "by-email"),
+        ({"external_id": "c1"}, "c1", "by-email"),
+        ({"attributes": {"crm_id": "c2"}}, "c1", "by-email"),  # not the mapping here
+    ],
+)
+async def test_processor_email_fallback_respects_a_known_customer_id(
+    runtime, stored, customer_id, expected
+):
+    await add_user(runtime, "by-email", email="Shared@example.com", **stored)
+    await store(runtime, webhook("e1", customer_id=customer_id, email="shared@example.com"))
+    await runtime.processor.process_pending()
+    assert (await tracked(runtime))["e1"].user_id == expected
+
+
 async def test_processor_takes_the_oldest_user_on_a_tie(runtime):
     await add_user(runtime, "b-newer", email="tie@example.com", created_at=OLD)
     await add_user(runtime, "z-older", email="Tie@example.com", created_at=OLD - timedelta(1))

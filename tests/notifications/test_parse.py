@@ -55,7 +55,6 @@ def test_parse_notification_rejects_bodies_without_a_messages_list(body):
         ({"user": {"id": "u"}, "account": []}, "'account' must be an object"),
         ({"user": {"id": "u"}, "events": {}}, "'events' must be a list"),
         ({"user": {"id": "u"}, "events": [{"event_id": "e"}]}, "no 'event' name"),
-        ({"user": {"id": "u"}, "events": [{"event": "X"}]}, "no 'event_id'"),
         ({"user": {"id": "u"}, "segments": [{"name": "no id"}]}, "every segment needs an 'id'"),
     ],
 )
@@ -112,3 +111,43 @@ def test_data_hash_changes_with_attributes_not_with_events():
     (two,) = parse_notification({"messages": [with_event]}).messages
     (three,) = parse_notification({"messages": [changed]}).messages
     assert one.data_hash() == two.data_hash() != three.data_hash()
+
+
+def _events(*events: dict) -> list:
+    body = {"messages": [{"user": {"id": "u"}, "events": list(events)}]}
+    (message,) = parse_notification(body).messages
+    return message.events
+
+
+def _event(**fields) -> dict:
+    return {"event": "Viewed", "created_at": 1613063089, "properties": {"a": 1}, **fields}
+
+
+def test_parse_event_without_event_id_gets_an_id_from_its_content():
+    (event,) = (
+        parse_notification({"messages": [{"user": {"id": "u"}, "events": [_event()]}]})
+        .messages[0]
+        .events
+    )
+    assert event.event_id.startswith("sha256:")
+    assert len(event.event_id) == len("sha256:") + 64
+    # The same content gives the same id, whatever its keys' order or the time's spelling.
+    same = {"properties": {"a": 1}, "created_at": "2021-02-11T17:04:49Z", "event": "Viewed"}
+    assert _events(same)[0].event_id == event.event_id
+    # Anything else in it gives another.
+    others = [
+        _event(event="Clicked"),
+        _event(created_at=1613063090),
+        _event(properties={"a": 2}),
+        _event(context={"ip": "1.2.3.4"}),
+        {"event": "Viewed", "properties": {"a": 1}},
+    ]
+    assert len({e.event_id for e in _events(*others)} | {event.event_id}) == 6
+
+
+def test_parse_event_without_event_id_no_longer_rejects_the_message():
+    parsed = parse_notification(
+        {"messages": [{"user": {"id": "u"}, "events": [_event(), _event(event_id="e1")]}]}
+    )
+    assert parsed.rejected == []
+    assert [e.event_id[:7] for e in parsed.messages[0].events] == ["sha256:", "e1"]

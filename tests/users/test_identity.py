@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from connector.db.models import User
@@ -253,13 +253,28 @@ async def _reference_find_or_create(
             return User.id == customer_id
         return User.attributes[mapping].as_string() == customer_id
 
+    def mapped_value() -> Any:
+        if mapping == "external_id":
+            return User.external_id
+        if mapping == "email":
+            return User.email
+        if mapping == "id":
+            return User.id
+        return User.attributes[mapping].as_string()
+
     user = None
     if identity.customer_id:
         user = await _first(session, User.cio_id == identity.customer_id)
         if user is None:
             user = await _first(session, by_customer_id(identity.customer_id))
     if user is None and identity.email:
-        user = await _first(session, func.lower(User.email) == identity.email.lower())
+        condition = func.lower(User.email) == identity.email.lower()
+        if identity.customer_id:
+            # Only a user whose customer id is unknown or the same (SPEC §6).
+            mapped = by_customer_id(identity.customer_id)
+            condition &= or_(User.cio_id.is_(None), User.cio_id == identity.customer_id)
+            condition &= or_(mapped_value().is_(None), mapped)
+        user = await _first(session, condition)
     if user is None and identity.cio_id:
         user = await _first(session, User.cio_ref == identity.cio_id)
     if user is None:

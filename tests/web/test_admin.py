@@ -19,7 +19,7 @@ from connector.web.keys import runtime_key
 from connector.web.security import SESSION_COOKIE, LoginThrottle
 
 from ..conftest import ADMIN, ADMIN_PASSWORD, INGEST
-from ..helpers import message, notification
+from ..helpers import event, message, notification, webhook
 from ..inbound.test_service import fixture, post_webhook, wait_processed, webhook_path
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -32,6 +32,8 @@ SECRETS = {
 PAGE_ROUTES = [
     ("GET", "/admin"),
     ("POST", "/admin/logout"),
+    ("GET", "/admin/users?q=u1"),
+    ("GET", "/admin/users/u1"),
     ("POST", "/admin/settings"),
     ("POST", "/admin/test-connection"),
     ("POST", "/admin/webhook-url/rotate"),
@@ -633,7 +635,8 @@ async def test_admin_status_panel_lists_failed_users_with_their_reason(start_app
     html = await page_html(client)
     assert number(html, "users-failed") == 1
     users = html[html.index('id="users"') :]
-    assert "<code>u1</code> failed" in users and "HTTP 400" in users
+    assert '<a href="/admin/users/u1" class="user-link"><code>u1</code></a> failed' in users
+    assert "HTTP 400" in users
     assert "1 user(s) failed to sync" in html
 
 
@@ -686,3 +689,110 @@ async def test_admin_status_panel_shows_what_is_set_aside_and_retries_it(start_a
     assert resp.status == 303
     html = await page_html(client)
     assert "Retrying 0 user(s), 1 webhook(s) and 0 forwarded event(s)." in html
+
+
+# The user debugger
+
+
+async def test_users_api_q_finds_a_user_by_any_of_its_ids_or_its_email(start_app):
+    client = await start_app()
+    await client.post(
+        "/smart-notifier",
+        json=notification(
+            message("u1", external_id="ext-1", email="Ana@Example.com"),
+            message("u2", external_id="ext-2", email="bo@example.com"),
+        ),
+        headers=INGEST,
+    )
+    for q in ("u1", "ext-1", "ana@example.com", " ANA@example.COM "):
+        resp = await client.get("/api/users", params={"q": q}, headers=ADMIN)
+        assert resp.status == 200
+        assert [u["id"] for u in (await resp.json())["users"]] == ["u1"], q
+    # The other filters still apply, together with q.
+    resp = await client.get("/api/users", params={"q": "u1", "email": "x@y.z"}, headers=ADMIN)
+    assert (await resp.json())["users"] == []
+    resp = await client.get("/api/users", params={"q": "nobody"}, headers=ADMIN)
+    assert (await resp.json())["users"] == []
+
+
+async def test_admin_user_search_opens_the_user_with_what_was_sent(start_app, fake_cio):
+    client = await logged_in(start_app)
+    await client.patch(
+        "/api/settings",
+        json={"synchronized_attributes": ["bio", "first_name"], "events_filter": ["Signed Up"]},
+        headers=ADMIN,
+    )
+    resp = await client.post(
+        "/smart-notifier",
+        json=notification(
+            message(
+                "u1",
+                bio="x" * 1001,
+                first_name="Ana",
+                events=[event("ev-1", "Signed Up")],
+            )
+        ),
+        headers=INGEST,
+    )
+    assert resp.status == 200
+    html = await page_html(client)
+    await client.post("/admin/sync", data={"csrf_token": csrf_in(html)})
+    path = await webhook_path(client)
+    assert (await post_webhook(client, path, webhook("wh-1", customer_id="ext-1"))).ok
+    await wait_processed(client, 1)
+
+    # One match: the search opens the user.
+    resp = await client.get("/admin/users", params={"q": "ana@example.com"}, allow_redirects=False)
+    assert resp.status == 303
+    assert resp.headers["Location"] == "/admin/users/u1"
+    resp = await client.get(resp.headers["Location"])
+    assert resp.status == 200
+    html = await resp.text()
+    assert re.search(r'id="user-status">synced<', html)
+    assert re.search(r'id="user-customer-id">ext-1<', html)
+    assert "Paying" in html  # its segment
+    sent = html[html.index('id="user-sent-attributes"') :]
+    assert '<code>first_name</code></td><td>"Ana"</td>' in sent.split("</table>")[0]
+    left_out = html[html.index('id="user-attribute-errors"') :].split("</table>")[0]
+    assert "<code>bio</code>" in left_out and "1000" in left_out
+    events = html[html.index('id="user-events"') :].split("</table>")[0]
+    assert "Signed Up" in events and "<td>sent</td>" in events
+    tracked = html[html.index('id="user-tracked-events"') :].split("</table>")[0]
+    assert "Email Opened" in tracked and "wh-1" in tracked
+
+
+async def test_admin_user_search_lists_several_matches_and_says_when_none(start_app):
+    client = await logged_in(start_app)
+    await client.post(
+        "/smart-notifier",
+        json=notification(
+            message("u1", external_id="ext-1", email="shared@example.com"),
+            message("u2", external_id="ext-2", email="shared@example.com"),
+        ),
+        headers=INGEST,
+    )
+    resp = await client.get("/admin/users", params={"q": "shared@example.com"})
+    assert resp.status == 200
+    html = await resp.text()
+    links = re.findall(r'href="(/admin/users/[^"]+)" class="user-link"', html)
+    assert links == ["/admin/users/u1", "/admin/users/u2"]
+
+    html = await (await client.get("/admin/users", params={"q": "nobody"})).text()
+    assert 'id="user-none"' in html
+    resp = await client.get("/admin/users/nobody")
+    assert resp.status == 404
+    assert 'id="user-none"' in await resp.text()
+
+
+async def test_admin_failed_users_link_to_the_user_debugger(start_app, fake_cio):
+    client = await logged_in(start_app)
+    fake_cio.fail_next(400, times=5, body={"meta": {"error": "bad attribute"}})
+    await client.post("/smart-notifier", json=notification(message("cio:a@b.c")), headers=INGEST)
+    html = await page_html(client)
+    await client.post("/admin/sync", data={"csrf_token": csrf_in(html)})
+    html = await page_html(client)
+    assert '<a href="/admin/users/cio%3Aa%40b.c" class="user-link">' in html
+    assert "/admin/users/{id}" in (await (await client.get("/status")).json())["messages"][0]
+    html = await (await client.get("/admin/users/cio%3Aa%40b.c")).text()
+    assert re.search(r'id="user-status">failed<', html)
+    assert "bad attribute" in html[html.index('id="user-last-error"') :]

@@ -381,3 +381,24 @@ def test_browser_shows_recent_runs_and_the_audit_log(page, service: Service, scr
     assert API_KEY not in page.locator("#audit").inner_text()
     assert set(page.locator("#audit-log td.source").all_inner_texts()) == {"127.0.0.1"}
     page.locator("#audit").screenshot(path=str(screenshots / "audit-log.png"))
+
+
+def test_browser_searches_a_user_and_opens_it(page, service: Service):
+    service.post_json(
+        "/smart-notifier",
+        notification(message("u-debug-1", external_id="debug-42", email="Debug@example.com")),
+        {"Authorization": f"Bearer {INGEST_TOKEN}"},
+    )
+    logged_in(page)
+    page.fill("#user-search", "debug@EXAMPLE.com")
+    page.click("#user-search-go")
+    page.wait_for_url(re.compile(r"/admin/users/u-debug-1$"))
+    assert state(page, "user-id") == "u-debug-1"
+    assert state(page, "user-email") == "Debug@example.com"
+    assert state(page, "user-external-id") == "debug-42"
+    assert "Paying" in page.inner_text("#user-segments")
+    # A search from the debugger itself: nothing found is said so.
+    page.fill("#user-search", "nobody-at-all")
+    page.click("#user-search-go")
+    page.wait_for_selector("#user-none")
+    assert "nobody-at-all" in page.inner_text("#user-none")

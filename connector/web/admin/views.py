@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from connector.outbound.sender import CredentialCheck
 from connector.rules.traits import unprefixed
 from connector.runtime import Runtime
 from connector.settings.model import SECRET_FIELDS
+from connector.web.api import find_users, user_detail, user_json
 from connector.web.auth import Auth
 from connector.web.security import (
     CSRF_FIELD,
@@ -36,6 +38,7 @@ from connector.web.security import (
 PAGE = "/admin"
 HELD_DELETIONS_SHOWN = 50
 LOGIN = "/admin/login"
+USERS = "/admin/users"
 VIA = "page"
 """How the settings page names itself in the run history and the audit log."""
 RUNS_SHOWN = 20
@@ -54,6 +57,11 @@ LIST_FIELDS = ("synchronized_segments", "synchronized_attributes", "events_filte
 _SEPARATORS = re.compile(r"[,\r\n]+")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def user_page(user_id: str) -> str:
+    """The user debugger's address of one user."""
+    return f"{USERS}/{urllib.parse.quote(user_id, safe='')}"
 
 
 def _see_other(location: str) -> web.HTTPSeeOther:
@@ -314,12 +322,54 @@ class SettingsPage:
             "credentials": await self._credentials.get(),
             "test": test,
             "flash": session.pop("flash", None),
+            "user_page": user_page,
         }
 
     async def page(self, request: web.Request) -> web.Response:
         session = get_session(request)
         context = await self._page_context(request, session)
         return aiohttp_jinja2.render_template("page.html", request, context)
+
+    async def users(self, request: web.Request) -> web.StreamResponse:
+        """The user debugger's search (``q``: see :func:`connector.web.api.search_condition`);
+        a search that finds one user opens it."""
+        q = request.query.get("q", "").strip()
+        found = []
+        if q:
+            settings = await self._settings.load()
+            async with self._sessionmaker() as db:
+                found = await find_users(db, settings.user_id_mapping, q=q)
+            if len(found) == 1:
+                raise _see_other(user_page(found[0].id))
+        return self._render_users(request, q, [user_json(user) for user in found])
+
+    def _render_users(
+        self, request: web.Request, q: str, users: list[dict[str, Any]], status: int = 200
+    ) -> web.Response:
+        context = {
+            "title": "Users",
+            "csrf_token": csrf_token(get_session(request)),
+            "q": q,
+            "users": users,
+            "user_page": user_page,
+        }
+        return aiohttp_jinja2.render_template("users.html", request, context, status=status)
+
+    async def user(self, request: web.Request) -> web.StreamResponse:
+        """One user: segments, sync status and reasons, what was last sent and Customer.io's
+        answers, the attributes left out, the events sent and the tracked inbound events."""
+        user_id = request.match_info["user_id"]
+        async with self._sessionmaker() as db:
+            user = await user_detail(db, user_id)
+        if user is None:
+            return self._render_users(request, user_id, [], status=404)
+        context = {
+            "title": f"User {user_id}",
+            "csrf_token": csrf_token(get_session(request)),
+            "q": "",
+            "user": user,
+        }
+        return aiohttp_jinja2.render_template("user.html", request, context)
 
     async def save(self, request: web.Request) -> web.StreamResponse:
         patch = form_patch(await read_form(request))
@@ -418,6 +468,8 @@ def setup_routes(
     app.router.add_get(LOGIN, page.login_form)
     app.router.add_post(LOGIN, page.login)
     app.router.add_post("/admin/logout", login_required(page.logout))
+    app.router.add_get(USERS, login_required(page.users))
+    app.router.add_get(f"{USERS}/{{user_id}}", login_required(page.user))
     app.router.add_post("/admin/settings", login_required(page.save))
     app.router.add_post("/admin/test-connection", login_required(page.test_connection))
     app.router.add_post("/admin/webhook-url/rotate", login_required(page.rotate_webhook_url))
