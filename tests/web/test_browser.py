@@ -10,6 +10,7 @@ refresh the screenshots in docs/screenshots/; otherwise they take them into a te
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -58,13 +59,19 @@ class Service:
     url: str
     fake_host: str
 
-    def post_json(self, path_or_url: str, body: Any, headers: dict[str, str] | None = None):
+    def post_json(
+        self,
+        path_or_url: str,
+        body: Any,
+        headers: dict[str, str] | None = None,
+        method: str = "POST",
+    ):
         url = path_or_url if path_or_url.startswith("http") else self.url + path_or_url
         request = urllib.request.Request(
             url,
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json", **(headers or {})},
-            method="POST",
+            method=method,
         )
         with urllib.request.urlopen(request, timeout=10) as resp:
             return resp.status, json.loads(resp.read() or b"null")
@@ -113,6 +120,8 @@ ca_file = "{ca_file}"
 [sync]
 scheduled = true
 interval_seconds = 1
+# Small, so that the deletion guard's test holds a few deletions.
+max_deletions_per_pass = 2
 
 [connector]
 site_id = "fake-site-id"
@@ -402,3 +411,42 @@ def test_browser_searches_a_user_and_opens_it(page, service: Service):
     page.click("#user-search-go")
     page.wait_for_selector("#user-none")
     assert "nobody-at-all" in page.inner_text("#user-none")
+
+
+def test_browser_confirms_held_deletions(page, service: Service):
+    """Last of the module: it turns deletion on. Three users leave their segment, the guard
+    (max_deletions_per_pass = 2) holds their deletions, and Confirm deletions lets them go."""
+    admin = {"Authorization": "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()}
+    ingest = {"Authorization": f"Bearer {INGEST_TOKEN}"}
+    settings = {"api_key": API_KEY, "enable_user_deletion": True}
+    assert service.post_json("/api/settings", settings, admin, method="PATCH")[0] == 200
+    leaving = [message(f"u-leave-{n}", external_id=f"leave-{n}") for n in range(3)]
+    service.post_json("/smart-notifier", notification(*leaving), ingest)
+    _wait_for(lambda: _user(service, admin, "u-leave-2")["sync"]["status"] == "synced")
+    gone = [
+        message(f"u-leave-{n}", external_id=f"leave-{n}", segments=("seg-trial",)) for n in range(3)
+    ]
+    service.post_json("/smart-notifier", notification(*gone), ingest)
+    _wait_for(lambda: _user(service, admin, "u-leave-2")["sync"]["status"] == "held")
+
+    logged_in(page)
+    assert count(page, "held-deletions") == 3
+    page.click("#confirm-deletions")
+    page.wait_for_selector("#flash:has-text('3 deletion(s) confirmed')")
+    _wait_for(lambda: _user(service, admin, "u-leave-2")["sync"]["status"] == "deleted")
+    page.reload()
+    assert page.locator("#confirm-deletions").count() == 0
+
+
+def _user(service: Service, headers: dict[str, str], user_id: str) -> dict[str, Any]:
+    request = urllib.request.Request(f"{service.url}/api/users/{user_id}", headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_for(condition) -> None:
+    deadline = time.monotonic() + WAIT_TIMEOUT_MS / 1000
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("the service did not get there in time")
+        time.sleep(0.2)
