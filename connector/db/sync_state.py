@@ -133,34 +133,11 @@ async def mark_all_pending(session: AsyncSession, now: datetime, *, full: bool) 
     return result.rowcount or 0
 
 
-async def retry_failed_users(session: AsyncSession, now: datetime) -> list[str]:
-    """Make every user :func:`failed_for_good` pending again, due now with its attempts
-    reset; returns their ids."""
-    users = list(await session.scalars(select(User.id).where(failed_for_good())))
-    if users:
-        await session.execute(
-            update(User)
-            .where(User.id.in_(users))
-            .values(
-                pending=True,
-                version=User.version + 1,
-                pending_since=now,
-                next_attempt_at=now,
-                attempts=0,
-                sync_status=SyncStatus.PENDING,
-            )
-        )
-    return users
-
-
-async def confirm_held_deletions(
-    session: AsyncSession, now: datetime, user_ids: list[str] | None = None
+async def _make_pending(
+    session: AsyncSession, condition: ColumnElement[bool], now: datetime, status: SyncStatus
 ) -> list[str]:
-    """Confirm the deletions held (of ``user_ids`` only, when given): each user becomes
-    pending, due now, and ``confirmed``; returns their ids."""
-    condition = held_deletion()
-    if user_ids is not None:
-        condition = condition & User.id.in_(user_ids)
+    """The users matching ``condition`` become pending with ``status``, due now with their
+    attempts reset; returns their ids."""
     users = list(await session.scalars(select(User.id).where(condition)))
     if users:
         await session.execute(
@@ -172,10 +149,27 @@ async def confirm_held_deletions(
                 pending_since=now,
                 next_attempt_at=now,
                 attempts=0,
-                sync_status=SyncStatus.CONFIRMED,
+                sync_status=status,
             )
         )
     return users
+
+
+async def retry_failed_users(session: AsyncSession, now: datetime) -> list[str]:
+    """Make every user :func:`failed_for_good` pending again, due now with its attempts
+    reset; returns their ids."""
+    return await _make_pending(session, failed_for_good(), now, SyncStatus.PENDING)
+
+
+async def confirm_held_deletions(
+    session: AsyncSession, now: datetime, user_ids: list[str] | None = None
+) -> list[str]:
+    """Confirm the deletions held (of ``user_ids`` only, when given): each user becomes
+    pending, due now, and ``confirmed``; returns their ids."""
+    condition = held_deletion()
+    if user_ids is not None:
+        condition = condition & User.id.in_(user_ids)
+    return await _make_pending(session, condition, now, SyncStatus.CONFIRMED)
 
 
 def record_result(
