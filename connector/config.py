@@ -64,6 +64,10 @@ class CustomerioConfig:
     timeout_seconds: float = 10.0
 
 
+TRANSPORTS = ("batch", "single")
+"""``sync.transport``: how the outbound sync talks to the Track API."""
+
+
 @dataclass(frozen=True)
 class SyncConfig:
     scheduled: bool = True
@@ -79,6 +83,13 @@ class SyncConfig:
     max_deletions_per_pass: int = 100
     """A pass that plans more deletions than this sends none of them: they are held until an
     admin confirms them. 0 turns the guard off."""
+    transport: str = "batch"
+    """``batch``: operations of many users packed into ``/api/v2/batch`` requests;
+    ``single``: one Track API v1 call per operation."""
+    batch_max_bytes: int = 450_000
+    """A batch request's encoded JSON stays within this (Customer.io refuses 500 KB or more)."""
+    batch_max_operations: int = 1000
+    """Operations in one batch request at most."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +174,9 @@ class SyncSchema(_SectionSchema):
     claim_batch_size = fields.Integer(validate=validate.Range(min=1, max=10_000))
     lease_seconds = fields.Float(validate=validate.Range(min=1))
     max_deletions_per_pass = fields.Integer(validate=validate.Range(min=0))
+    transport = fields.String(validate=validate.OneOf(TRANSPORTS))
+    batch_max_bytes = fields.Integer(validate=validate.Range(min=40_000, max=499_999))
+    batch_max_operations = fields.Integer(validate=validate.Range(min=1, max=10_000))
 
 
 class InboundSchema(_SectionSchema):

@@ -90,7 +90,13 @@ async def db_url(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[str]
 
 
 @pytest.fixture
-def make_config(db_url: str, fake_cio: FakeCustomerIO) -> Callable[..., Config]:
+def transport() -> str:
+    """``sync.transport`` of the tests' configuration; the outbound tests run on both."""
+    return "batch"
+
+
+@pytest.fixture
+def make_config(db_url: str, fake_cio: FakeCustomerIO, transport: str) -> Callable[..., Config]:
     """Build a configuration on the test database, pointed at the fake Customer.io.
 
     Keyword arguments are ``section={key: value}`` overrides, e.g. ``sync={"max_attempts": 2}``.
@@ -107,6 +113,7 @@ def make_config(db_url: str, fake_cio: FakeCustomerIO) -> Callable[..., Config]:
                 "backoff_base_seconds": 0.01,
                 "backoff_max_seconds": 0.05,
                 "rate_limit_per_second": 1000,
+                "transport": transport,
             },
             "connector": {
                 "site_id": fake_cio.site_id,

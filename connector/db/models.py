@@ -132,6 +132,12 @@ class SyncRun(Base):
     events_sent: Mapped[int] = mapped_column(Integer, default=0)
     api_calls: Mapped[int] = mapped_column(Integer, default=0)
     """Track API requests of the pass."""
+    transport: Mapped[str] = mapped_column(String(10), default="single")
+    """``sync.transport`` of the pass: ``batch`` or ``single``."""
+    batch_requests: Mapped[int] = mapped_column(Integer, default=0)
+    batch_users: Mapped[int] = mapped_column(Integer, default=0)
+    """The users of each ``/api/v2/batch`` request of the pass, summed: over
+    ``batch_requests``, the users per request."""
     error: Mapped[str | None] = mapped_column(Text)
     error_reasons: Mapped[list[str]] = mapped_column(JSONType, default=list)
     """The first few distinct reasons users failed or will be retried

@@ -162,6 +162,14 @@ async def service_status(
     )
 
 
+def users_per_request(run: SyncRun) -> float | None:
+    """Users in one ``/api/v2/batch`` request of the pass on average (one decimal); None when
+    it sent none."""
+    if not run.batch_requests:
+        return None
+    return round(run.batch_users / run.batch_requests, 1)
+
+
 def run_json(run: SyncRun) -> dict[str, Any]:
     """One pass of the run history as ``GET /api/runs`` and the page show it."""
     return {
@@ -179,6 +187,8 @@ def run_json(run: SyncRun) -> dict[str, Any]:
         "retrying": run.users_retrying,
         "events": run.events_sent,
         "requests": run.api_calls,
+        "transport": run.transport,
+        "users_per_request": users_per_request(run),
         "error": run.error,
         "errors": run.error_reasons or [],
     }

@@ -33,6 +33,7 @@ from connector.config import SyncConfig
 from connector.db.sync_state import SyncStatus
 from connector.db.types import utcnow
 from connector.ops.metrics import Metrics
+from connector.outbound.batch_delivery import BatchDelivery, Delivery
 from connector.outbound.operations import (
     DeleteCustomer,
     Identify,
@@ -59,6 +60,9 @@ MISSING_CREDENTIALS = "Customer.io site id and API key are not set"
 # this long for others to share its transaction (a pass's last ones are committed at once).
 MAX_WRITE_GROUP = 200
 MAX_WRITE_DELAY = 0.5
+SLICES_IN_FLIGHT = 2
+"""With the batch transport, slices of ``claim_batch_size`` users worked on at once: one is
+planned or written back while the other's requests are out."""
 ERROR_REASONS_KEPT = 5
 """A pass's run record keeps this many distinct reasons users failed or will be retried."""
 
@@ -94,6 +98,10 @@ class SyncSummary:
     """Users whose deletion the deletion guard held back for an operator to confirm."""
     events_sent: int = 0
     api_calls: int = 0
+    transport: str = "single"
+    batch_requests: int = 0
+    batch_users: int = 0
+    """The users of each batch request, summed."""
     error: str | None = None
     skip_reasons: dict[str, int] = field(default_factory=dict)
     error_reasons: list[str] = field(default_factory=list)
@@ -122,6 +130,11 @@ class SyncSummary:
                 raise ValueError(f"not a user count: {outcome!r}")
 
     @property
+    def users_per_request(self) -> float | None:
+        """Users in a batch request on average; None when the pass sent none."""
+        return self.batch_users / self.batch_requests if self.batch_requests else None
+
+    @property
     def users(self) -> int:
         return self.sent + self.skipped + self.deleted + self.failed + self.retrying + self.held
 
@@ -135,11 +148,13 @@ class SyncSummary:
             "held": self.held,
             "events_sent": self.events_sent,
             "api_calls": self.api_calls,
+            "users_per_request": self.users_per_request,
             "error": self.error,
         }
 
-    def run_counts(self) -> dict[str, int]:
+    def run_counts(self) -> dict[str, int | str]:
         return {
+            "transport": self.transport,
             "users_sent": self.sent,
             "users_skipped": self.skipped,
             "users_deleted": self.deleted,
@@ -148,6 +163,8 @@ class SyncSummary:
             "users_retrying": self.retrying,
             "events_sent": self.events_sent,
             "api_calls": self.api_calls,
+            "batch_requests": self.batch_requests,
+            "batch_users": self.batch_users,
         }
 
 
@@ -219,6 +236,61 @@ def _quarantine(outcome: UserOutcome, stage: str, error: Exception) -> UserOutco
     return outcome
 
 
+_STATUS_RANK: dict[str, int] = {SyncStatus.FAILED: 1, "retry": 2, "released": 3}
+"""When several operations of a user went wrong (a batch answers them all), the outcome is
+the highest: not reached, then retried, then failed."""
+
+
+def _settle(outcome: UserOutcome, status: SyncStatus | Literal["retry", "released"]) -> bool:
+    """Set ``status`` unless the user already has a higher one; whether it was set."""
+    if _STATUS_RANK.get(status, 0) <= _STATUS_RANK.get(outcome.status, 0):
+        return False
+    outcome.status = status
+    return True
+
+
+def record_result(operation: Operation, result: SendResult, outcome: UserOutcome) -> bool:
+    """Record what ``result`` means for the user of ``operation``; False where the v1
+    transport stops sending that user's operations (the pass stopped, a retry, a failed
+    identify or deletion). Both transports record every answer with it."""
+    if result.outcome is SendOutcome.UNAUTHORIZED:
+        _settle(outcome, "released")
+        return False
+    if result.outcome in (SendOutcome.RETRY, SendOutcome.THROTTLED):
+        if _settle(outcome, "retry"):
+            outcome.reason = result.reason
+            outcome.throttled = result.outcome is SendOutcome.THROTTLED
+            outcome.retry_after = result.retry_after
+        elif outcome.status == "retry":
+            # Throttled only while every retried operation was; wait for the longest pause.
+            outcome.throttled = outcome.throttled and result.outcome is SendOutcome.THROTTLED
+            if result.retry_after is not None:
+                outcome.retry_after = max(outcome.retry_after or 0.0, result.retry_after)
+        return False
+    # Settled either way: a later pass does not send this operation again.
+    outcome.progressed = True
+    if isinstance(operation, Identify):
+        if result.ok:
+            outcome.identified = True
+            outcome.sent_attributes.update(operation.attributes)
+            return True
+        if _settle(outcome, SyncStatus.FAILED):
+            outcome.reason = f"identify failed: {result.reason}"
+        return False
+    if isinstance(operation, DeleteCustomer):
+        if result.ok:
+            outcome.deleted = True
+            return True
+        if _settle(outcome, SyncStatus.FAILED):
+            outcome.reason = f"delete failed: {result.reason}"
+        return False
+    if isinstance(operation, Track):
+        outcome.event_results[operation.source_event_id] = (
+            ("sent", None) if result.ok else ("failed", result.reason)
+        )
+    return True
+
+
 class UnauthorizedError(Exception):
     """Customer.io refused the credentials; the pass stopped."""
 
@@ -277,17 +349,19 @@ class SyncEngine:
         Returns once every outcome of the pass is committed: the summary counts only what
         the database holds. ``calls`` is kept up to date with every Track API answer.
         """
-        summary = SyncSummary()
+        summary = SyncSummary(transport=self._config.transport)
         calls = CallLog() if calls is None else calls
         stop = asyncio.Event()
         due_by = utcnow()
         names = await self._repository.segment_names(settings.synchronized_segments)
         guard = await self._guard(settings, names, due_by)
+        batched = self._config.transport == "batch"
         feed = _ClaimFeed(
             self._repository,
             self._config.claim_batch_size,
             due_by=due_by,
-            low_water=self._config.concurrency,
+            # Sliced, the next claim starts while a whole slice is still to be handed out.
+            low_water=self._config.claim_batch_size if batched else self._config.concurrency,
             stop=stop,
         )
 
@@ -313,7 +387,34 @@ class SyncEngine:
                 )
                 writer.put(_Done(claimed, plan, outcome, self._retry_at(claimed, outcome)))
 
-        workers = [asyncio.create_task(worker()) for _ in range(self._config.concurrency)]
+        delivery = BatchDelivery(
+            sender,
+            max_bytes=self._config.batch_max_bytes,
+            max_operations=self._config.batch_max_operations,
+            stop=stop,
+            metrics=self._metrics,
+            record=calls.record,
+        )
+
+        async def slice_worker() -> None:
+            while not (stop.is_set() or writer.failed):
+                users = await feed.take(self._config.claim_batch_size)
+                if not users:
+                    return
+                if stop.is_set() or writer.failed:
+                    untouched.extend(claimed.snapshot.id for claimed in users)
+                    return
+                finished, sent = await self._work_slice(users, settings, names, guard, delivery)
+                summary.api_calls += sent.requests
+                summary.batch_requests += sent.batch_requests
+                summary.batch_users += sent.batch_users
+                for done in finished:
+                    writer.put(done)
+
+        if batched:
+            workers = [asyncio.create_task(slice_worker()) for _ in range(SLICES_IN_FLIGHT)]
+        else:
+            workers = [asyncio.create_task(worker()) for _ in range(self._config.concurrency)]
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -368,6 +469,31 @@ class SyncEngine:
         calls: CallLog,
     ) -> tuple[UserPlan, UserOutcome]:
         """Plan and send one user; whatever it raises stays with that user."""
+        plan, outcome, send = self._prepare(claimed, settings, names, guard)
+        if not send:
+            return plan, outcome
+        try:
+            await self._execute(plan, sender, stop, outcome, calls)
+        except Exception as exc:
+            log.error(
+                "user quarantined",
+                extra={
+                    "user_id": claimed.snapshot.id,
+                    "stage": "sending",
+                    "error": type(exc).__name__,
+                },
+            )
+            _quarantine(outcome, "sending", exc)
+        return plan, outcome
+
+    def _prepare(
+        self,
+        claimed: ClaimedUser,
+        settings: ConnectorSettings,
+        names: frozenset[str],
+        guard: DeletionGuard,
+    ) -> tuple[UserPlan, UserOutcome, bool]:
+        """A user's plan and initial outcome, and whether it has operations to send."""
         user_id = claimed.snapshot.id
         try:
             plan = plan_user(claimed.snapshot, settings, whitelisted_names=names)
@@ -377,21 +503,60 @@ class SyncEngine:
                 extra={"user_id": user_id, "stage": "planning", "error": type(exc).__name__},
             )
             outcome = _quarantine(UserOutcome(status=SyncStatus.FAILED), "planning", exc)
-            return UserPlan(user_id=user_id, action=PlanAction.SKIP), outcome
+            return UserPlan(user_id=user_id, action=PlanAction.SKIP), outcome, False
         if not guard.admit(plan, claimed.snapshot):
             # Its pending events wait with it: sent if it comes back, skipped once deleted.
             held = UserOutcome(SyncStatus.HELD, customer_id=plan.customer_id, reason=guard.reason)
-            return plan, held
+            return plan, held, False
         outcome = _initial_outcome(plan)
+        return plan, outcome, plan.action is not PlanAction.SKIP and bool(plan.operations)
+
+    async def _work_slice(
+        self,
+        users: list[ClaimedUser],
+        settings: ConnectorSettings,
+        names: frozenset[str],
+        guard: DeletionGuard,
+        delivery: BatchDelivery,
+    ) -> tuple[list[_Done], Delivery]:
+        """Plan a slice of users and send all their operations in batch requests."""
+        prepared = [(claimed, *self._prepare(claimed, settings, names, guard)) for claimed in users]
+        sending = [(plan.user_id, plan.operations) for _, plan, _, send in prepared if send]
         try:
-            await self._execute(plan, sender, stop, outcome, calls)
+            sent = await delivery.deliver(sending)
         except Exception as exc:
             log.error(
-                "user quarantined",
-                extra={"user_id": user_id, "stage": "sending", "error": type(exc).__name__},
+                "users quarantined",
+                extra={"users": len(sending), "stage": "sending", "error": type(exc).__name__},
             )
-            _quarantine(outcome, "sending", exc)
-        return plan, outcome
+            for _, _, outcome, send in prepared:
+                if send:
+                    _quarantine(outcome, "sending", exc)
+            sent = Delivery()
+        finished = []
+        for claimed, plan, outcome, send in prepared:
+            if send and outcome.status != SyncStatus.FAILED:
+                self._fold(plan, outcome, sent)
+            finished.append(_Done(claimed, plan, outcome, self._retry_at(claimed, outcome)))
+        return finished, sent
+
+    @staticmethod
+    def _fold(plan: UserPlan, outcome: UserOutcome, sent: Delivery) -> None:
+        """Record on ``outcome`` every answer a batch delivery got for the user of ``plan``."""
+        user_id = plan.user_id
+        if user_id in sent.unpackable:
+            log.error(
+                "user quarantined",
+                extra={"user_id": user_id, "stage": "packing", "error": sent.unpackable[user_id]},
+            )
+            outcome.status = SyncStatus.FAILED
+            outcome.reason = f"could not be processed (packing raised {sent.unpackable[user_id]})"
+            return
+        for operation, result in sent.results.get(user_id, ()):
+            record_result(operation, result, outcome)
+        outcome.attribute_errors.update(sent.left_out.get(user_id, {}))
+        if plan.action is PlanAction.SEND and outcome.status == SyncStatus.SYNCED:
+            outcome.full_hash = attributes_hash(plan.attributes)
 
     async def _send(
         self, operation: Operation, sender: Sender, outcome: UserOutcome, calls: CallLog
@@ -414,7 +579,7 @@ class SyncEngine:
         outcome: UserOutcome,
         calls: CallLog,
     ) -> None:
-        """Send the plan's operations in order, recording each result on ``outcome``."""
+        """Send the plan's operations in order (v1), recording each result on ``outcome``."""
         if plan.action is PlanAction.SKIP:
             return
         for operation in plan.operations:
@@ -424,35 +589,8 @@ class SyncEngine:
             result = await self._send(operation, sender, outcome, calls)
             if result.outcome is SendOutcome.UNAUTHORIZED:
                 stop.set()
-                outcome.status = "released"
+            if not record_result(operation, result, outcome):
                 return
-            if result.outcome in (SendOutcome.RETRY, SendOutcome.THROTTLED):
-                outcome.status = "retry"
-                outcome.reason = result.reason
-                outcome.throttled = result.outcome is SendOutcome.THROTTLED
-                outcome.retry_after = result.retry_after
-                return
-            # Settled either way: a later pass does not send this operation again.
-            outcome.progressed = True
-            if isinstance(operation, Identify):
-                if result.ok:
-                    outcome.identified = True
-                    outcome.sent_attributes.update(operation.attributes)
-                else:
-                    outcome.status = SyncStatus.FAILED
-                    outcome.reason = f"identify failed: {result.reason}"
-                    return
-            elif isinstance(operation, DeleteCustomer):
-                if result.ok:
-                    outcome.deleted = True
-                else:
-                    outcome.status = SyncStatus.FAILED
-                    outcome.reason = f"delete failed: {result.reason}"
-                    return
-            elif isinstance(operation, Track):
-                outcome.event_results[operation.source_event_id] = (
-                    ("sent", None) if result.ok else ("failed", result.reason)
-                )
         if plan.action is PlanAction.SEND:
             outcome.full_hash = attributes_hash(plan.attributes)
 
@@ -564,6 +702,16 @@ class _ClaimFeed:
                 return None
             # Shielded: a worker cancelled while waiting must not cancel the claim.
             await asyncio.shield(self._claiming)
+
+    async def take(self, limit: int) -> list[ClaimedUser]:
+        """Up to ``limit`` claimed users at once; empty when nothing due is left."""
+        first = await self.next()
+        if first is None:
+            return []
+        users = [first]
+        while self._users and len(users) < limit:
+            users.append(self._users.popleft())
+        return users
 
     async def _claim(self) -> None:
         try:

@@ -132,9 +132,21 @@ class SendResult:
         return self.outcome is SendOutcome.OK
 
 
+@dataclass(frozen=True)
+class BatchResult:
+    """The answer to one ``/api/v2/batch`` request."""
+
+    result: SendResult
+    """The request's: ``OK`` for any 2xx (a 207 too)."""
+    refused: dict[int, str] = field(default_factory=dict)
+    """With a 207: the index of each operation Customer.io refused, and its reason."""
+
+
 class Sender(Protocol):
-    """Carries out one operation against the Track API."""
+    """Carries out operations against the Track API: one v1 call, or a v2 batch request."""
 
     async def send(self, operation: Operation) -> SendResult: ...
+
+    async def send_batch(self, operations: list[dict[str, Any]]) -> BatchResult: ...
 
     async def close(self) -> None: ...

@@ -418,7 +418,7 @@ class OutboundRepository:
     async def finish_run(
         self,
         run_id: int,
-        counts: dict[str, int],
+        counts: dict[str, int | str],
         error: str | None,
         error_reasons: Sequence[str] = (),
     ) -> None:

@@ -32,6 +32,7 @@ from urllib3.util.retry import Retry
 from connector.config import CustomerioConfig, SyncConfig
 from connector.ops.metrics import Metrics
 from connector.outbound.operations import (
+    BatchResult,
     DeleteCustomer,
     Identify,
     Operation,
@@ -333,29 +334,47 @@ class CustomerIOSender:
             return lambda c: c.send_request("POST", c.get_events_query_string(), payload)
         raise TypeError(f"not an operation: {type(operation).__name__}")
 
-    async def send(self, operation: Operation) -> SendResult:
-        call = self._call_for(operation)
-        latency = self._latency.labels(operation_name(operation))
+    async def _attempt(
+        self, call: Callable[[CustomerIO], requests.Response], label: str
+    ) -> tuple[SendResult, requests.Response | None]:
+        """One request: its result (a 429 pauses the bucket) and, on a 2xx, the response."""
+        latency = self._latency.labels(label)
 
-        def attempt(client: CustomerIO) -> tuple[SendResult, float, str | None]:
+        def attempt(
+            client: CustomerIO,
+        ) -> tuple[SendResult, requests.Response | None, float, str | None]:
             self._local.retry_after = None
             sent_at = time.monotonic()
             try:
                 response = call(client)
             except CustomerIOException as exc:
                 latency.observe(time.monotonic() - sent_at)
-                return result_from_exception(exc), sent_at, self._local.retry_after
+                return result_from_exception(exc), None, sent_at, self._local.retry_after
             latency.observe(time.monotonic() - sent_at)
-            return SendResult(SendOutcome.OK, response.status_code), sent_at, None
+            return SendResult(SendOutcome.OK, response.status_code), response, sent_at, None
 
-        result, sent_at, retry_after = await self._run(attempt)
+        result, response, sent_at, retry_after = await self._run(attempt)
         if result.outcome is not SendOutcome.THROTTLED:
             self._backpressure.answered(sent_at)
-            return result
+            return result, response
         pause = self._backpressure.throttled(sent_at, parse_retry_after(retry_after))
         if pause is not None:
             self.bucket.pause(pause)
-        return replace(result, retry_after=pause or 0.0)
+        return replace(result, retry_after=pause or 0.0), None
+
+    async def send(self, operation: Operation) -> SendResult:
+        result, _ = await self._attempt(self._call_for(operation), operation_name(operation))
+        return result
+
+    async def send_batch(self, operations: list[dict[str, Any]]) -> BatchResult:
+        """``POST /api/v2/batch`` with ``operations`` (one token of the rate limit).
+
+        A 207 names the operations Customer.io refused (``errors[].batch_index``) and the
+        reason; the others were applied.
+        """
+        result, response = await self._attempt(lambda c: c.batch(operations), "batch")
+        refused = batch_errors(response) if response is not None else {}
+        return BatchResult(result, refused)
 
     def _region_call(self, client: CustomerIO) -> CredentialCheck:
         try:
@@ -400,6 +419,31 @@ class CustomerIOSender:
             client.close()
 
 
+def batch_errors(response: requests.Response) -> dict[int, str]:
+    """Operation index → Customer.io's reason, from a 207's ``errors`` list (short, sanitised)."""
+    if response.status_code != 207:
+        return {}
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    errors = body.get("errors") if isinstance(body, dict) else None
+    refused: dict[int, str] = {}
+    for error in errors if isinstance(errors, list) else []:
+        if not isinstance(error, dict):
+            continue
+        index = error.get("batch_index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            continue
+        words = [
+            str(error[key])
+            for key in ("reason", "field", "message")
+            if isinstance(error.get(key), str | int) and str(error[key]).strip()
+        ]
+        refused[index] = _sanitise("HTTP 207: " + (": ".join(words) or "refused"))
+    return refused
+
+
 def track_payload(operation: Track) -> dict[str, Any]:
     """The Track API v1 body of a page view or anonymous event (what ``track()`` cannot build)."""
     payload: dict[str, Any] = {"name": operation.name, "data": operation.data or {}}
@@ -423,6 +467,9 @@ class DryRunSender:
     async def send(self, operation: Operation) -> SendResult:
         self.operations.append(operation)
         return SendResult(SendOutcome.OK, None, "dry run")
+
+    async def send_batch(self, operations: list[dict[str, Any]]) -> BatchResult:
+        return BatchResult(SendResult(SendOutcome.OK, None, "dry run"))
 
     async def close(self) -> None:
         return None

@@ -16,6 +16,7 @@ from connector.ops import quarantine, stats
 from connector.ops.audit import AuditAction, settings_change
 from connector.rules.safe_json import MAX_INTEGER
 from connector.runtime import Runtime
+from connector.settings.model import ConnectorSettings
 from connector.users.identity import mapping_expression
 from connector.web.auth import Auth
 from connector.web.responses import json_error, json_response, read_json
@@ -178,13 +179,29 @@ class AdminAPI:
         self._gate = runtime.gate
         self._audit = runtime.audit
         self._public_url = runtime.config.server.public_url
+        sync = runtime.config.sync
+        self._sync = {
+            "transport": sync.transport,
+            "batch_max_bytes": sync.batch_max_bytes,
+            "batch_max_operations": sync.batch_max_operations,
+        }
+
+    def _shown(self, settings: ConnectorSettings) -> dict[str, Any]:
+        """The settings as the API shows them, with the configuration file's transport."""
+        return {**settings.masked(), "sync": self._sync}
 
     async def get_settings(self, request: web.Request) -> web.Response:
         settings = await self._settings.load()
-        return json_response(settings.masked())
+        return json_response(self._shown(settings))
 
     async def patch_settings(self, request: web.Request) -> web.Response:
         patch = await read_json(request)
+        if isinstance(patch, dict) and "sync" in patch:
+            # Read-only here (the configuration file's): a GET's body may come back as it was.
+            if patch["sync"] != self._sync:
+                message = "set in the configuration file ([sync] transport, batch_max_*), not here"
+                return json_response({"errors": {"sync": [message]}}, status=400)
+            patch = {key: value for key, value in patch.items() if key != "sync"}
         try:
             saved = await self._changes.save(patch, by=VIA)
         except ValidationError as exc:
@@ -192,7 +209,7 @@ class AdminAPI:
         if saved.changes:
             detail = {"via": VIA, **settings_change(saved.changes)}
             await self._audit.record(AuditAction.SETTINGS_CHANGED, detail, client_address(request))
-        return json_response(saved.settings.masked())
+        return json_response(self._shown(saved.settings))
 
     async def start_sync(self, request: web.Request) -> web.Response:
         wait = request.query.get("wait", "").lower() in ("1", "true", "yes")

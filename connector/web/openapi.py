@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from marshmallow import fields, validate
 
+from connector.config import TRANSPORTS
 from connector.ops.audit import AuditAction
 from connector.settings.model import MASK, SECRET_FIELDS, ConnectorSettingsSchema
 from connector.web.api import (
@@ -164,6 +165,26 @@ def _nullable(kind: str, **extra: Any) -> dict[str, Any]:
 _TIME = {"type": "string", "format": "date-time"}
 _OPTIONAL_TIME = _nullable("string", format="date-time")
 _COUNT = {"type": "integer", "minimum": 0}
+_SYNC_TRANSPORT = {
+    "type": "object",
+    "properties": {
+        "transport": {"enum": list(TRANSPORTS)},
+        "batch_max_bytes": {"type": "integer"},
+        "batch_max_operations": {"type": "integer"},
+    },
+    "required": ["transport", "batch_max_bytes", "batch_max_operations"],
+    "additionalProperties": False,
+    "readOnly": True,
+    "description": (
+        "How the sync talks to the Track API (`[sync]` of the configuration file, read-only "
+        "here: a PATCH may send it back unchanged, any other value is a 400)."
+    ),
+}
+_USERS_PER_REQUEST = _nullable(
+    "number",
+    minimum=0,
+    description="Users in one `/api/v2/batch` request on average; null without any.",
+)
 
 
 def _object(properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -180,13 +201,13 @@ def _schemas() -> dict[str, Any]:
             "properties": {"error": {"type": "string"}},
         },
         "Settings": _object(
-            settings,
+            {**settings, "sync": _SYNC_TRANSPORT},
             additionalProperties=False,
             description="Every connector setting, secrets masked.",
         ),
         "SettingsPatch": {
             "type": "object",
-            "properties": settings,
+            "properties": {**settings, "sync": _SYNC_TRANSPORT},
             "additionalProperties": False,
             "description": (
                 "Any subset of the settings; all are validated at once, and nothing is saved "
@@ -222,6 +243,7 @@ def _schemas() -> dict[str, Any]:
                         "api_calls",
                     )
                 },
+                "users_per_request": _USERS_PER_REQUEST,
                 "error": _nullable("string", description="Why the pass stopped, if it did."),
             },
             description="What the pass did: users by outcome, events sent, Track API calls.",
@@ -261,6 +283,8 @@ def _schemas() -> dict[str, Any]:
                         "requests",
                     )
                 },
+                "transport": {"enum": list(TRANSPORTS), "description": "`sync.transport`."},
+                "users_per_request": _USERS_PER_REQUEST,
                 "error": _nullable("string", description="Why the pass stopped, if it did."),
                 "errors": {
                     "type": "array",

@@ -218,6 +218,7 @@ class SettingsPage:
         self._scheduler = runtime.scheduler
         self._audit = runtime.audit
         self._scheduled = runtime.config.sync.scheduled
+        self._sync_config = runtime.config.sync
         self._outbound = runtime.sync.repository
         self._public_url = runtime.config.server.public_url
 
@@ -323,6 +324,8 @@ class SettingsPage:
             "test": test,
             "flash": session.pop("flash", None),
             "user_page": user_page,
+            "sync_config": self._sync_config,
+            "users_per_request": stats.users_per_request,
         }
 
     async def page(self, request: web.Request) -> web.Response:
@@ -352,6 +355,8 @@ class SettingsPage:
             "q": q,
             "users": users,
             "user_page": user_page,
+            "sync_config": self._sync_config,
+            "users_per_request": stats.users_per_request,
         }
         return aiohttp_jinja2.render_template("users.html", request, context, status=status)
 

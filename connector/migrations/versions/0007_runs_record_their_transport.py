@@ -1,0 +1,35 @@
+"""runs record their transport and how many users their batch requests carried
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-12-01
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0007"
+down_revision = "0006"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    # Runs recorded before this revision made v1 calls only.
+    with op.batch_alter_table("sync_runs", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("transport", sa.String(length=10), nullable=False, server_default="single")
+        )
+        batch_op.add_column(
+            sa.Column("batch_requests", sa.Integer(), nullable=False, server_default="0")
+        )
+        batch_op.add_column(
+            sa.Column("batch_users", sa.Integer(), nullable=False, server_default="0")
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("sync_runs", schema=None) as batch_op:
+        batch_op.drop_column("batch_users")
+        batch_op.drop_column("batch_requests")
+        batch_op.drop_column("transport")
