@@ -59,6 +59,7 @@ import socket
 import ssl
 import tempfile
 import time
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
@@ -275,6 +276,7 @@ class FakeCustomerIO:
         self._runner: web.AppRunner | None = None
         self._tmpdir: str | None = None
         self._closing = asyncio.Event()
+        self._transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self.reset()
 
     @staticmethod
@@ -428,6 +430,11 @@ class FakeCustomerIO:
         self._closing.set()
         if self._runner is not None:
             await self._runner.cleanup()
+            # Cleanup only starts the TLS goodbye; a client that holds its connection open
+            # without reading (a test keeping the package's exception, and with it the
+            # answer) would leave the socket open past the test, a ResourceWarning later on.
+            for transport in list(self._transports):
+                transport.abort()
             self._runner = None
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
@@ -457,6 +464,8 @@ class FakeCustomerIO:
                 await asyncio.wait_for(self._closing.wait(), timeout=seconds)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.transport is not None:
+            self._transports.add(request.transport)
         raw_path = request.rel_url.raw_path
         segments = [unquote(s) for s in raw_path.split("/")[1:]]
         path = "/" + "/".join(segments)
