@@ -86,6 +86,8 @@ EVENT_TYPES = ("event", "page", "screen")
 # smaller"), read as decimal kilobytes: a request must stay under 500,000 bytes, one of its
 # operations at or under 32,000.
 MAX_BATCH_BYTES = 500_000
+REFUSED_KEY = web.ResponseKey("refused", tuple)
+"""On a 207's response: the ``batch_index`` of each refused operation, for the recording."""
 MAX_OPERATION_BYTES = 32_000
 PERSON_IDENTIFIERS = ("id", "email", "cio_id")
 BATCH_EVENT_ACTIONS = ("event", "page", "screen")
@@ -123,6 +125,8 @@ class RecordedRequest:
     at: float
     """``time.monotonic()`` when it arrived."""
     status: int | None = None
+    refused: tuple[int, ...] = ()
+    """A v2 batch answered 207: the ``batch_index`` of each operation it refused."""
 
 
 @dataclass
@@ -197,6 +201,7 @@ class _Refusal:
     times: int | None
     reason: str
     message: str
+    whole_request: bool = False
 
     def matches(self, operation: dict[str, Any]) -> bool:
         if self.actions is not None and operation.get("action") not in self.actions:
@@ -358,8 +363,13 @@ class FakeCustomerIO:
         times: int | None = None,
         reason: str = "refused",
         message: str = "operation refused by the fake",
+        whole_request: bool = False,
     ) -> None:
         """Refuse the v2 batch operations that match, as a 207 lists an invalid one.
+
+        ``whole_request``: a batch holding a matching operation is refused as a whole instead
+        (``400``, nothing applied), as Customer.io answers a request it cannot take at all;
+        ``times`` then counts refused requests.
 
         An operation matches when every condition given holds: one of its identifier values is
         in ``customer_ids``, its action is in ``actions``, ``predicate(operation)`` is true.
@@ -377,6 +387,7 @@ class FakeCustomerIO:
                 times,
                 reason,
                 message,
+                whole_request,
             )
         )
 
@@ -518,6 +529,7 @@ class FakeCustomerIO:
             # Answered only after the client gave up: applied or not, it saw a timeout.
             await self._wait(self._mix.hold)
         entry.status = response.status
+        entry.refused = response.get(REFUSED_KEY, ())
         self.counts[response.status] += 1
         return response
 
@@ -641,6 +653,7 @@ class FakeCustomerIO:
             raise _Rejected(400, "invalid JSON body")
         if not isinstance(body, dict) or not isinstance(body.get("batch"), list):
             raise _Rejected(400, "the body must be an object with a batch list", field="batch")
+        self._take_whole_request_refusal(body["batch"])
         errors = []
         for index, operation in enumerate(body["batch"]):
             try:
@@ -656,7 +669,9 @@ class FakeCustomerIO:
                     }
                 )
         if errors:
-            return web.json_response({"errors": errors}, status=207)
+            response = web.json_response({"errors": errors}, status=207)
+            response[REFUSED_KEY] = tuple(error["batch_index"] for error in errors)
+            return response
         return web.json_response({})
 
     def _operation(self, operation: Any) -> None:
@@ -694,9 +709,20 @@ class FakeCustomerIO:
             payload.update(type=action, data=attributes)
             self._track(customer_key, payload, data_field="attributes")
 
+    def _take_whole_request_refusal(self, batch: list[Any]) -> None:
+        for refusal in self._refusals:
+            if refusal.whole_request and any(
+                isinstance(operation, dict) and refusal.matches(operation) for operation in batch
+            ):
+                if refusal.times is not None:
+                    refusal.times -= 1
+                    if refusal.times <= 0:
+                        self._refusals.remove(refusal)
+                raise _Rejected(400, refusal.message, field="batch", reason=refusal.reason)
+
     def _take_refusal(self, operation: dict[str, Any]) -> None:
         for refusal in self._refusals:
-            if refusal.matches(operation):
+            if not refusal.whole_request and refusal.matches(operation):
                 if refusal.times is not None:
                     refusal.times -= 1
                     if refusal.times <= 0:
@@ -800,7 +826,7 @@ def _refusal_arguments(raw: bytes) -> dict[str, Any]:
         raise ValueError("invalid JSON body") from exc
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
-    unknown = set(body) - {"customer_ids", "actions", "times", "reason", "message"}
+    unknown = set(body) - {"customer_ids", "actions", "times", "reason", "message", "whole_request"}
     if unknown:
         raise ValueError(f"unknown keys: {', '.join(sorted(unknown))}")
     for key in ("customer_ids", "actions"):
@@ -815,6 +841,8 @@ def _refusal_arguments(raw: bytes) -> dict[str, Any]:
     for key in ("reason", "message"):
         if not isinstance(body.get(key, ""), str):
             raise ValueError(f"{key} must be a string")
+    if not isinstance(body.get("whole_request", False), bool):
+        raise ValueError("whole_request must be a boolean")
     return body
 
 

@@ -49,15 +49,9 @@ def _v1(request: RecordedRequest) -> Call | None:
     return None
 
 
-def _refused(request: RecordedRequest) -> set[int]:
-    answer = getattr(request, "answer", None)
-    errors = answer.get("errors") if isinstance(answer, dict) else None
-    return {e["batch_index"] for e in errors or [] if isinstance(e, dict) and "batch_index" in e}
-
-
 def _v2(request: RecordedRequest, position: int) -> list[Call]:
     batch = request.body.get("batch") if isinstance(request.body, dict) else None
-    refused = _refused(request)
+    refused = set(request.refused)
     calls = []
     for index, operation in enumerate(batch if isinstance(batch, list) else []):
         customer = (operation.get("identifiers") or {}).get("id")
