@@ -67,6 +67,8 @@ DEFAULT_SETTINGS = {
     "forward_url": "",
     "forward_write_key": "",
     "forward_event_prefix": "",
+    # Read-only: how the sync talks to Customer.io ([sync] of the configuration file).
+    "sync": {"transport": "batch", "batch_max_bytes": 450_000, "batch_max_operations": 1000},
 }
 
 
@@ -304,6 +306,22 @@ async def test_http_wrong_method_is_405_json_with_allow(start_app, method, path,
 async def test_settings_get_returns_the_defaults_with_empty_secrets(start_app, bare_config):
     client = await start_app(bare_config())
     assert await get_settings(client) == DEFAULT_SETTINGS
+
+
+async def test_settings_show_the_transport_of_the_configuration_file(start_app, make_config):
+    config = make_config(sync={"transport": "single", "batch_max_operations": 50})
+    client = await start_app(config)
+    shown = (await get_settings(client))["sync"]
+    assert shown == {"transport": "single", "batch_max_bytes": 450_000, "batch_max_operations": 50}
+    # A GET's body may come back in a PATCH as it was; changing the transport there may not.
+    body = await get_settings(client)
+    body["api_key"] = "new-api-key"
+    status, patched = await patch_settings(client, body)
+    assert status == 200 and patched["sync"] == shown
+    status, answer = await patch_settings(client, {"sync": {**shown, "transport": "batch"}})
+    assert status == 400
+    assert "configuration file" in answer["errors"]["sync"][0]
+    assert (await get_settings(client))["sync"]["transport"] == "single"
 
 
 async def test_settings_get_masks_secrets_that_are_set(start_app, fake_cio):
