@@ -262,7 +262,9 @@ async def _dry_run(config: Config, full: bool, limit: int | None) -> None:
     click.echo(
         f"{preview.users} {what}: {preview.identify} identify, {preview.events} event, "
         f"{preview.delete} delete, {preview.skip} skip; "
-        f"{preview.held} deletions would be held; nothing was sent."
+        f"{preview.held} deletions would be held; "
+        f"{preview.requests} Track API requests ({preview.transport} transport); "
+        "nothing was sent."
     )
 
 

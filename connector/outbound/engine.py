@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -46,6 +46,7 @@ from connector.outbound.operations import (
     UserSnapshot,
     operation_name,
 )
+from connector.outbound.packing import pack
 from connector.outbound.planner import plan_user
 from connector.outbound.repository import ClaimedUser, OutboundRepository, UserOutcome
 from connector.rules.delivery import THROTTLE_RESENDS, SendOutcome, backoff_delay, gives_up
@@ -433,6 +434,28 @@ class SyncEngine:
         if stop.is_set():
             summary.error = INVALID_CREDENTIALS
         return summary
+
+    @property
+    def transport(self) -> str:
+        return self._config.transport
+
+    def count_requests(self, plans: Sequence[UserPlan]) -> int:
+        """Track API requests these plans take on the configured transport (without resends):
+        batch requests of slices of ``claim_batch_size`` users plus v1 calls, or one call per
+        operation with ``single``."""
+        sending = [plan for plan in plans if plan.operations]
+        if self._config.transport != "batch":
+            return sum(len(plan.operations) for plan in sending)
+        size = self._config.claim_batch_size
+        requests = 0
+        for start in range(0, len(sending), size):
+            packing = pack(
+                [(plan.user_id, plan.operations) for plan in sending[start : start + size]],
+                max_bytes=self._config.batch_max_bytes,
+                max_operations=self._config.batch_max_operations,
+            )
+            requests += len(packing.requests) + len(packing.v1)
+        return requests
 
     async def _guard(
         self, settings: ConnectorSettings, names: frozenset[str], due_by: datetime

@@ -67,6 +67,9 @@ class Preview:
     held: int = 0
     """Deletions the deletion guard would hold (all the unconfirmed ones, when over the
     limit); ``delete`` counts the planned deletions, held or not."""
+    requests: int = 0
+    """Track API requests the pass would make on ``sync.transport`` (without resends)."""
+    transport: str = "single"
 
 
 class SyncService:
@@ -187,13 +190,15 @@ class SyncService:
         ``max_deletions`` is the deletion guard's limit (0: none)."""
         settings = await self._settings.load()
         names = await self.repository.segment_names(settings.synchronized_segments)
-        preview = Preview()
+        preview = Preview(transport=self._engine.transport)
         guarded = 0
         offset = 0
         while batch := await self.repository.peek(PREVIEW_PAGE, offset, full=full):
             offset += len(batch)
+            page: list[UserPlan] = []
             for item in batch:
                 plan = plan_user(item.snapshot, settings, whitelisted_names=names)
+                page.append(plan)
                 preview.users += 1
                 if limit is None or len(preview.plans) < limit:
                     preview.plans.append(plan)
@@ -204,6 +209,7 @@ class SyncService:
                     preview.delete += isinstance(operation, DeleteCustomer)
                 preview.skip += plan.action is PlanAction.SKIP
                 preview.anonymous += plan.action is PlanAction.ANONYMOUS
+            preview.requests += self._engine.count_requests(page)
         if settings.enable_user_deletion and 0 < max_deletions < guarded:
             preview.held = guarded
         return preview

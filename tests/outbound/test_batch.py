@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import signal
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from ..conftest import ADMIN, ADMIN_PASSWORD, INGEST_TOKEN
 from ..helpers import event, message
 from ..test_cli import run_cli, write_toml
 from ..track_calls import BATCH, accepted, identify_bodies, operations, requests_made
+from ..web.test_admin import logged_in, page_html
 from .test_service import configure, get_user, notify, sync
 
 USERS = 30
@@ -255,3 +257,14 @@ async def test_batch_kill_9_in_the_middle_of_a_request_loses_nothing_and_sends_o
     assert all(fake_cio.customers[f"ext-{i}"]["first_name"] == f"Name {i}" for i in range(USERS))
     # Re-sent events carry the same ids: each is kept once.
     assert len(fake_cio.events) == 2 * USERS
+
+
+async def test_batch_page_shows_the_transport_and_users_per_request(start_app, fake_cio):
+    client = await logged_in(start_app)
+    await configure(client, synchronized_attributes=["first_name"])
+    await notify(client, *users_with_events(12))
+    await sync(client)
+    html = await page_html(client)
+    assert re.search(r'id="transport">Transport: <strong>batch</strong>', html)
+    assert re.search(r'id="run-users-per-request">12.0<', html)
+    assert re.search(r'id="run-requests">1<', html)
