@@ -375,7 +375,15 @@ def run_worker(kind: str, job_file: str, result_file: str) -> int:
 
 
 @contextlib.contextmanager
-def fake_track_api(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[str, str, int]]:
+def fake_track_api(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[str, str]]:
+    """Start the fake in a process of its own; yield its ``host:port`` and CA file (what
+    ``bench/fuzz.py`` uses too)."""
+    with fake_process(args, workdir) as (host, ca_file, _):
+        yield host, ca_file
+
+
+@contextlib.contextmanager
+def fake_process(args: argparse.Namespace, workdir: Path) -> Iterator[tuple[str, str, int]]:
     """Start the fake in a process of its own; yield its ``host:port``, CA file and pid."""
     command = [
         sys.executable,
@@ -693,6 +701,13 @@ def print_report(
         )
     )
     if smaller is not None:
+        print(
+            _row(
+                f"batch sync, {smaller.users:,} users",
+                f"{smaller.send_rate:,.0f} users/s, "
+                f"{smaller.cpu / max(smaller.sent, 1) * 1000:.2f} CPU s / 1,000 users",
+            )
+        )
         growth = batch.peak_rss / smaller.peak_rss
         factor = batch.users / smaller.users
         print(
@@ -830,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args.worker, args.job, args.result)
     workdir = Path(tempfile.mkdtemp(prefix="bench-outbound-"))
     try:
-        with fake_track_api(args, workdir) as (track_host, ca_file, fake_pid):
+        with fake_process(args, workdir) as (track_host, ca_file, fake_pid):
             base = Job(
                 users=args.users,
                 attributes=args.attributes,
