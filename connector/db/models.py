@@ -79,7 +79,11 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
-    __table_args__ = (Index("ix_users_pending_next", "pending", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_users_pending_next", "pending", "next_attempt_at"),
+        # The claim's order: walked in order instead of sorting every pending user per claim.
+        Index("ix_users_claim_order", "pending", "pending_since", "id"),
+    )
 
 
 # Inbound webhooks find users by email case-insensitively (connector.users.identity).

@@ -1,4 +1,5 @@
-"""runs record their transport and how many users their batch requests carried
+"""runs record their transport and how many users their batch requests carried; the
+claim's order is an index
 
 Revision ID: 0007
 Revises: 0006
@@ -26,9 +27,16 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("batch_users", sa.Integer(), nullable=False, server_default="0")
         )
+    # A claim takes the oldest pending users: without it, each claim sorts all of them.
+    with op.batch_alter_table("users", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_users_claim_order", ["pending", "pending_since", "id"], unique=False
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("users", schema=None) as batch_op:
+        batch_op.drop_index("ix_users_claim_order")
     with op.batch_alter_table("sync_runs", schema=None) as batch_op:
         batch_op.drop_column("batch_users")
         batch_op.drop_column("batch_requests")
