@@ -61,9 +61,10 @@ MISSING_CREDENTIALS = "Customer.io site id and API key are not set"
 # this long for others to share its transaction (a pass's last ones are committed at once).
 MAX_WRITE_GROUP = 200
 MAX_WRITE_DELAY = 0.5
-SLICES_IN_FLIGHT = 2
-"""With the batch transport, slices of ``claim_batch_size`` users worked on at once: one is
-planned or written back while the other's requests are out."""
+SLICES_IN_FLIGHT = 4
+"""With the batch transport, slices of ``claim_batch_size`` users worked on at once: some are
+claimed, planned or written back while the others' requests are out (a request's answer takes
+its latency plus Customer.io's time for hundreds of operations)."""
 ERROR_REASONS_KEPT = 5
 """A pass's run record keeps this many distinct reasons users failed or will be retried."""
 
