@@ -149,7 +149,9 @@ async def test_outbound_every_user_syncs_under_a_fault_mix(start_app, make_confi
     users = 200
     config = make_config(
         customerio={"timeout_seconds": 0.2},
-        sync={"concurrency": 8, "claim_batch_size": 50},
+        # Batch: one user's three operations a request, so that the mix draws about as many
+        # faults as on single and every kind of them shows up.
+        sync={"concurrency": 8, "claim_batch_size": 50, "batch_max_operations": 3},
     )
     client = await start_app(config)
     await configure(client, synchronized_attributes=["plan"], events_filter=["A", "B"])
