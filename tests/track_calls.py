@@ -3,6 +3,7 @@
 A v1 call is one operation; a ``/api/v2/batch`` request holds many. :func:`operations` turns
 both into the same :class:`Call` list, in the order they arrived, with v1-shaped bodies, so
 that a test states what Customer.io was asked to do once and runs on both transports.
+:func:`identify_requests` scripts a fault for the requests that carry identifies on either.
 """
 
 from __future__ import annotations
@@ -118,3 +119,10 @@ def identify_bodies(fake: FakeCustomerIO, customer_id: str) -> list[dict[str, An
 def requests_made(fake: FakeCustomerIO) -> int:
     """HTTP requests to the Track API (a batch is one)."""
     return sum(1 for r in fake.requests if r.path.startswith("/api/"))
+
+
+def identify_requests(transport: str) -> dict[str, str]:
+    """``fail_next``/``slow_next`` keywords that match the requests carrying identifies: on
+    ``batch`` every batch request (with all the users and operations it holds), on ``single``
+    the v1 PUTs."""
+    return {"path": BATCH} if transport == "batch" else {"method": "PUT"}

@@ -15,7 +15,7 @@ from connector.db.models import User
 from connector.web.keys import runtime_key
 
 from ..helpers import event, message
-from ..track_calls import BATCH, operations
+from ..track_calls import BATCH, identify_requests, operations
 from .test_service import configure, get_user, notify, sync
 
 
@@ -27,8 +27,7 @@ async def test_outbound_429_pauses_and_resends_without_counting_an_attempt(
     await configure(client, events_filter=["Signed Up"])
     await notify(client, message(events=[event("ev-1", "Signed Up")]))
     # The identify's request: on batch the one that carries the event too.
-    rule = {"path": BATCH} if transport == "batch" else {"method": "PUT"}
-    fake_cio.fail_next(429, times=2, headers={"Retry-After": "1"}, **rule)
+    fake_cio.fail_next(429, times=2, headers={"Retry-After": "1"}, **identify_requests(transport))
 
     summary = await sync(client)
 
@@ -81,7 +80,7 @@ async def test_outbound_attempts_count_per_operation_not_per_pass(start_app, fak
     events = [event("ev-1", "Signed Up"), event("ev-2", "Upgraded")]
     await notify(client, message(events=events))
 
-    fake_cio.fail_next(500, **({"path": BATCH} if transport == "batch" else {"method": "PUT"}))
+    fake_cio.fail_next(500, **identify_requests(transport))
     await sync(client)
     user = await get_user(client, "u1")
     assert (user["sync"]["status"], user["sync"]["attempts"]) == ("retrying", 1)
