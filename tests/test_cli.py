@@ -34,10 +34,13 @@ from connector.runtime import open_runtime
 
 from .conftest import ADMIN_PASSWORD, INGEST_TOKEN
 from .helpers import event, message
+from .track_calls import operations, requests_made
 
 EXAMPLE_SETTINGS = Path(__file__).resolve().parent.parent / "settings.example.toml"
 CLI_TIMEOUT_SECONDS = 60
 SUMMARY = re.compile(r"sent (\d+), skipped (\d+), deleted (\d+), failed (\d+)")
+BOTH_TRANSPORTS = pytest.mark.parametrize("transport", ["batch", "single"])
+"""For a test that sends: ``settings_file`` writes ``sync.transport``."""
 
 
 @dataclass
@@ -67,8 +70,9 @@ def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 
 @pytest.fixture
-def settings_file(tmp_path: Path, db_url: str, fake_cio):
-    """Write ``settings.toml`` on the test database and the fake; ``connector=`` overrides."""
+def settings_file(tmp_path: Path, db_url: str, fake_cio, transport: str):
+    """Write ``settings.toml`` on the test database and the fake, with the ``transport``
+    fixture's ``sync.transport``; ``connector=`` overrides."""
 
     def write(**connector: Any) -> Path:
         seed: dict[str, Any] = {
@@ -86,7 +90,11 @@ def settings_file(tmp_path: Path, db_url: str, fake_cio):
                 "database": {"url": db_url},
                 "security": {"admin_password": ADMIN_PASSWORD, "ingest_token": INGEST_TOKEN},
                 "customerio": {"track_host": fake_cio.host, "ca_file": fake_cio.ca_file},
-                "sync": {"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05},
+                "sync": {
+                    "backoff_base_seconds": 0.01,
+                    "backoff_max_seconds": 0.05,
+                    "transport": transport,
+                },
                 "connector": seed,
             },
         )
@@ -409,6 +417,7 @@ async def test_cli_import_of_an_all_good_file_exits_0(settings_file, tmp_path):
     assert sorted(await stored_users(settings)) == ["u1", "u2", "u3"]
 
 
+@BOTH_TRANSPORTS
 async def test_cli_import_treats_lines_like_batch_and_ignores_segments(
     settings_file, tmp_path, fake_cio
 ):
@@ -424,6 +433,7 @@ async def test_cli_import_treats_lines_like_batch_and_ignores_segments(
 # -- sync --------------------------------------------------------------------------------
 
 
+@BOTH_TRANSPORTS
 async def test_cli_sync_dry_run_prints_the_plan_and_sends_nothing(
     settings_file, tmp_path, fake_cio
 ):
@@ -446,6 +456,7 @@ async def test_cli_sync_dry_run_prints_the_plan_and_sends_nothing(
     assert all(user.pending for user in (await stored_users(settings)).values())
 
 
+@BOTH_TRANSPORTS
 async def test_cli_sync_dry_run_full_plans_every_user_and_limit_shows_the_first(
     settings_file, tmp_path, fake_cio
 ):
@@ -472,6 +483,7 @@ def deletion_settings(settings_file, limit: int) -> Path:
     return path
 
 
+@BOTH_TRANSPORTS
 async def test_cli_import_then_full_sync_deletes_nobody_outside_the_segments(
     settings_file, tmp_path, fake_cio
 ):
@@ -498,9 +510,10 @@ async def test_cli_import_then_full_sync_deletes_nobody_outside_the_segments(
     )
     assert result.code == 0, result.stderr
     assert summary_counts(result.stdout)[2] == 0
-    assert fake_cio.requests_for("DELETE") == []
+    assert operations(fake_cio, "delete") == []
 
 
+@BOTH_TRANSPORTS
 async def test_cli_sync_holds_deletions_over_the_limit_until_confirmed(
     settings_file, tmp_path, fake_cio
 ):
@@ -520,7 +533,7 @@ async def test_cli_sync_holds_deletions_over_the_limit_until_confirmed(
     assert "user u0: delete (held by the deletion guard)" in dry.stdout
     assert "3 delete, 0 skip; 3 deletions would be held" in dry.stdout
     assert "deletions held 3" in held.stdout
-    assert fake_cio.requests_for("DELETE") == []
+    assert operations(fake_cio, "delete") == []
     assert {user.sync_status for user in (await stored_users(settings)).values()} == {"held"}
 
     confirmed = await run_cli(settings, "sync", "--confirm-deletions")
@@ -528,10 +541,11 @@ async def test_cli_sync_holds_deletions_over_the_limit_until_confirmed(
     assert confirmed.code == 0, confirmed.stderr
     assert "3 held deletions confirmed." in confirmed.stdout
     assert summary_counts(confirmed.stdout)[2] == 3
-    assert len(fake_cio.requests_for("DELETE")) == 3
+    assert len(operations(fake_cio, "delete")) == 3
 
 
-async def test_cli_sync_once_sends_the_imported_users(settings_file, tmp_path, fake_cio):
+@BOTH_TRANSPORTS
+async def test_cli_sync_once_sends_the_imported_users(settings_file, tmp_path, fake_cio, transport):
     settings = settings_file()
     await import_good_users(settings, tmp_path)
     result = await run_cli(settings, "sync", "--once")
@@ -548,23 +562,26 @@ async def test_cli_sync_once_sends_the_imported_users(settings_file, tmp_path, f
     again = await run_cli(settings, "sync", "--once")
     assert again.code == 0, again.stderr
     assert summary_counts(again.stdout) == (0, 0, 0, 0)
-    assert len(fake_cio.requests_for("PUT")) == 3
+    assert len(operations(fake_cio, "identify")) == 3
+    # Batch: the three users and the event in one request; single: a call each.
+    assert requests_made(fake_cio) == (1 if transport == "batch" else 4)
 
 
+@BOTH_TRANSPORTS
 async def test_cli_sync_once_full_sends_every_attribute_again(settings_file, tmp_path, fake_cio):
     settings = settings_file()
     await import_good_users(settings, tmp_path)
     first = await run_cli(settings, "sync", "--once")
     assert first.code == 0, first.stderr
-    first_bodies = {r.path: r.body for r in fake_cio.requests_for("PUT")}
+    first_bodies = {c.customer_id: c.body for c in operations(fake_cio, "identify")}
 
     fake_cio.reset()
     result = await run_cli(settings, "sync", "--once", "--full")
     assert result.code == 0, result.stderr
     assert summary_counts(result.stdout)[0] == 3
-    again = {r.path: r.body for r in fake_cio.requests_for("PUT")}
+    again = {c.customer_id: c.body for c in operations(fake_cio, "identify")}
     assert again == first_bodies
-    assert set(again["/api/v1/customers/ext-1"]) >= {
+    assert set(again["ext-1"]) >= {
         "email",
         "created_at",
         "hull_segments",
@@ -572,9 +589,10 @@ async def test_cli_sync_once_full_sends_every_attribute_again(settings_file, tmp
         "plan",
     }
     # Events already sent are not sent again by a full pass.
-    assert fake_cio.requests_for("POST") == []
+    assert operations(fake_cio, "event") == []
 
 
+@BOTH_TRANSPORTS
 async def test_cli_sync_once_with_wrong_credentials_fails(settings_file, tmp_path, fake_cio):
     settings = settings_file(api_key="not-the-right-key")
     await import_good_users(settings, tmp_path)
@@ -585,6 +603,7 @@ async def test_cli_sync_once_with_wrong_credentials_fails(settings_file, tmp_pat
     assert all(user.pending for user in (await stored_users(settings)).values())
 
 
+@BOTH_TRANSPORTS
 async def test_cli_sync_once_without_credentials_fails(settings_file, tmp_path, fake_cio):
     settings = settings_file(site_id=None, api_key=None)
     await import_good_users(settings, tmp_path)

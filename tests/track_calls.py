@@ -3,6 +3,7 @@
 A v1 call is one operation; a ``/api/v2/batch`` request holds many. :func:`operations` turns
 both into the same :class:`Call` list, in the order they arrived, with v1-shaped bodies, so
 that a test states what Customer.io was asked to do once and runs on both transports.
+:func:`identify_requests` scripts a fault for the requests that carry identifies on either.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Call:
     for an operation the fake refused (400 for all of a refused request)."""
     batch: int | None = None
     """The position of its request among the batch requests; None for a v1 call."""
+    at: float = 0.0
+    """When its request arrived (``time.monotonic()``)."""
 
 
 def _v1(request: RecordedRequest) -> Call | None:
@@ -37,15 +40,15 @@ def _v1(request: RecordedRequest) -> Call | None:
     if request.path.startswith(CUSTOMERS):
         rest = request.path[len(CUSTOMERS) :]
         if request.method == "PUT" and "/" not in rest:
-            return Call("identify", rest, body, request.status)
+            return Call("identify", rest, body, request.status, at=request.at)
         if request.method == "DELETE" and "/" not in rest:
-            return Call("delete", rest, {}, request.status)
+            return Call("delete", rest, {}, request.status, at=request.at)
         customer, _, tail = rest.rpartition("/")
         if request.method == "POST" and tail == "events":
             kind = "page" if body.get("type") == "page" else "event"
-            return Call(kind, customer, body, request.status)
+            return Call(kind, customer, body, request.status, at=request.at)
     if request.method == "POST" and request.path == "/api/v1/events":
-        return Call("anonymous", None, body, request.status)
+        return Call("anonymous", None, body, request.status, at=request.at)
     return None
 
 
@@ -58,11 +61,10 @@ def _v2(request: RecordedRequest, position: int) -> list[Call]:
         action = operation.get("action")
         status = 207 if index in refused else request.status
         if action == "identify":
-            calls.append(
-                Call("identify", customer, operation.get("attributes", {}), status, position)
-            )
+            attributes = operation.get("attributes", {})
+            calls.append(Call("identify", customer, attributes, status, position, request.at))
         elif action == "delete":
-            calls.append(Call("delete", customer, {}, status, position))
+            calls.append(Call("delete", customer, {}, status, position, request.at))
         elif action in ("event", "page"):
             body: dict[str, Any] = {
                 "name": operation["name"],
@@ -73,7 +75,7 @@ def _v2(request: RecordedRequest, position: int) -> list[Call]:
             for key in ("id", "timestamp"):
                 if key in operation:
                     body[key] = operation[key]
-            calls.append(Call(action, customer, body, status, position))
+            calls.append(Call(action, customer, body, status, position, request.at))
     return calls
 
 
@@ -117,3 +119,10 @@ def identify_bodies(fake: FakeCustomerIO, customer_id: str) -> list[dict[str, An
 def requests_made(fake: FakeCustomerIO) -> int:
     """HTTP requests to the Track API (a batch is one)."""
     return sum(1 for r in fake.requests if r.path.startswith("/api/"))
+
+
+def identify_requests(transport: str) -> dict[str, str]:
+    """``fail_next``/``slow_next`` keywords that match the requests carrying identifies: on
+    ``batch`` every batch request (with all the users and operations it holds), on ``single``
+    the v1 PUTs."""
+    return {"path": BATCH} if transport == "batch" else {"method": "PUT"}

@@ -10,12 +10,13 @@ from typing import Any
 
 from ..conftest import ADMIN
 from ..helpers import message
+from ..track_calls import operations
 from ..web.test_admin import csrf_in, log_in, number, page_html
 from .test_service import configure, get_user, notify, sync
 
 
 def deleted_ids(fake_cio) -> set[str]:
-    return {r.path.rsplit("/", 1)[-1] for r in fake_cio.requests_for("DELETE")}
+    return {call.customer_id for call in operations(fake_cio, "delete")}
 
 
 def users(count: int, *, segments: tuple[str, ...] = ("seg-paying",), start: int = 0) -> list:
@@ -45,7 +46,7 @@ async def test_deletions_batch_users_never_in_a_segment_are_not_deleted(start_ap
     summary = await resp.json()
 
     assert summary["deleted"] == 0 and summary["held"] == 0
-    assert fake_cio.requests_for("DELETE") == []
+    assert operations(fake_cio, "delete") == []
     user = await get_user(client, "u250")
     assert user["sync"]["status"] == "skipped"
     assert "never was when sent" in user["sync"]["skip_reason"]
@@ -94,7 +95,7 @@ async def test_deletions_over_the_limit_are_held_until_confirmed(start_app, fake
     summary = await sync(client)
 
     assert summary["held"] == 150 and summary["deleted"] == 0
-    assert fake_cio.requests_for("DELETE") == []
+    assert operations(fake_cio, "delete") == []
     user = await get_user(client, "u0")
     assert user["sync"]["status"] == "held"
     assert "150 deletions" in user["sync"]["skip_reason"]
@@ -115,7 +116,7 @@ async def test_deletions_over_the_limit_are_held_until_confirmed(start_app, fake
 
     assert summary["held"] == 0
     assert deleted_ids(fake_cio) == {f"ext-{n}" for n in range(150)}
-    assert len(fake_cio.requests_for("DELETE")) == 150
+    assert len(operations(fake_cio, "delete")) == 150
     assert (await get_user(client, "u0"))["sync"]["status"] == "deleted"
     assert (await (await client.get("/api/deletions", headers=ADMIN)).json())["count"] == 0
     status = await (await client.get("/status")).json()
@@ -215,4 +216,4 @@ async def test_deletions_confirm_form_checks_the_csrf_token(start_app, fake_cio)
 
     assert resp.status == 403
     assert (await (await client.get("/api/deletions", headers=ADMIN)).json())["count"] == 2
-    assert fake_cio.requests_for("DELETE") == []
+    assert operations(fake_cio, "delete") == []

@@ -15,21 +15,25 @@ from connector.db.models import User
 from connector.web.keys import runtime_key
 
 from ..helpers import event, message
+from ..track_calls import BATCH, identify_requests, operations
 from .test_service import configure, get_user, notify, sync
 
 
-async def test_outbound_429_pauses_and_resends_without_counting_an_attempt(start_app, fake_cio):
+async def test_outbound_429_pauses_and_resends_without_counting_an_attempt(
+    start_app, fake_cio, transport
+):
     # One attempt allowed: only a 429 that is no attempt lets this user through.
     client = await start_app(sync={"max_attempts": 1, "backoff_max_seconds": 5})
     await configure(client, events_filter=["Signed Up"])
     await notify(client, message(events=[event("ev-1", "Signed Up")]))
-    fake_cio.fail_next(429, times=2, method="PUT", headers={"Retry-After": "1"})
+    # The identify's request: on batch the one that carries the event too.
+    fake_cio.fail_next(429, times=2, headers={"Retry-After": "1"}, **identify_requests(transport))
 
     summary = await sync(client)
 
     assert summary["sent"] == 1 and summary["failed"] == 0 and summary["retrying"] == 0
-    puts = fake_cio.requests_for("PUT", "/api/v1/customers/ext-1")
-    assert [r.status for r in puts] == [429, 429, 200]
+    puts = operations(fake_cio, "identify", "ext-1")
+    assert [c.status for c in puts] == [429, 429, 200]
     # Retry-After is honoured: nothing is sent again before it has passed.
     assert puts[1].at - puts[0].at >= 0.9
     assert puts[2].at - puts[1].at >= 0.9
@@ -50,22 +54,47 @@ async def test_outbound_429_without_retry_after_still_backs_off_and_goes_on(star
     assert sorted(fake_cio.customers) == [f"ext-{i}" for i in range(5)]
 
 
-async def test_outbound_attempts_count_per_operation_not_per_pass(start_app, fake_cio):
-    client = await start_app(sync={"max_attempts": 2})
+async def _fail_the_second_request_of_a_pass(client, fake_cio, status: int) -> None:
+    """A pass whose first request goes through and whose next one gets ``status``.
+
+    The first request is held a moment, and the failure scripted once it has arrived: the
+    next request of a user spanning several is sent only after the previous was answered.
+    """
+    fake_cio.slow_next(0.2, path=BATCH)
+    before = len(fake_cio.requests)
+    task = asyncio.create_task(sync(client))
+    for _ in range(100):
+        if len(fake_cio.requests) > before:
+            break
+        await asyncio.sleep(0.01)
+    fake_cio.fail_next(status, path=BATCH)
+    await task
+    assert len(fake_cio.requests) > before + 1, "the pass sent no second request"
+
+
+async def test_outbound_attempts_count_per_operation_not_per_pass(start_app, fake_cio, transport):
+    # Batch: one operation a request, so that the user's operations get answers of their own
+    # as v1 calls do.
+    client = await start_app(sync={"max_attempts": 2, "batch_max_operations": 1})
     await configure(client, events_filter=["Signed Up", "Upgraded"])
     events = [event("ev-1", "Signed Up"), event("ev-2", "Upgraded")]
     await notify(client, message(events=events))
 
-    fake_cio.fail_next(500, method="PUT")
+    fake_cio.fail_next(500, **identify_requests(transport))
     await sync(client)
     user = await get_user(client, "u1")
     assert (user["sync"]["status"], user["sync"]["attempts"]) == ("retrying", 1)
+    # Its events wait for the identify.
+    assert operations(fake_cio, "event") == []
 
     # The identify goes through this time; the first event's first try fails: a new operation's
     # first attempt, not the user's second.
     await asyncio.sleep(0.1)
-    fake_cio.fail_next(503, method="POST")
-    await sync(client)
+    if transport == "batch":
+        await _fail_the_second_request_of_a_pass(client, fake_cio, 503)
+    else:
+        fake_cio.fail_next(503, method="POST")
+        await sync(client)
     user = await get_user(client, "u1")
     assert (user["sync"]["status"], user["sync"]["attempts"]) == ("retrying", 1)
 
@@ -75,7 +104,7 @@ async def test_outbound_attempts_count_per_operation_not_per_pass(start_app, fak
     assert user["sync"]["status"] == "synced"
     assert user["sync"]["attempts"] == 0
     # The identify that succeeded was not sent again.
-    assert [r.status for r in fake_cio.requests_for("PUT")] == [500, 200]
+    assert [c.status for c in operations(fake_cio, "identify")] == [500, 200]
     assert sorted(e["name"] for e in fake_cio.events) == ["Signed Up", "Upgraded"]
 
 
@@ -97,7 +126,7 @@ async def test_outbound_timed_out_call_that_was_applied_is_resent_once(
 
     user = await get_user(client, "u1")
     assert user["sync"]["status"] == "synced"
-    assert len(fake_cio.requests_for("POST")) == 2
+    assert len(operations(fake_cio, "event")) == 2
     # Sent twice with the same id: Customer.io keeps one.
     assert [e["name"] for e in fake_cio.events] == ["Signed Up"]
 
@@ -119,7 +148,9 @@ async def test_outbound_every_user_syncs_under_a_fault_mix(start_app, make_confi
     users = 200
     config = make_config(
         customerio={"timeout_seconds": 0.2},
-        sync={"concurrency": 8, "claim_batch_size": 50},
+        # Batch: one user's three operations a request, so that the mix draws about as many
+        # faults as on single and every kind of them shows up.
+        sync={"concurrency": 8, "claim_batch_size": 50, "batch_max_operations": 3},
     )
     client = await start_app(config)
     await configure(client, synchronized_attributes=["plan"], events_filter=["A", "B"])

@@ -19,8 +19,12 @@ from connector.outbound.ratelimit import TokenBucket
 from connector.runtime import open_runtime
 
 from ..helpers import message, notification
+from ..track_calls import requests_made
 
 RATE = 40
+# The rate limit counts requests: one operation a batch request makes batch send as many
+# requests as single, enough to measure their pace.
+ONE_REQUEST_A_USER = {"batch_max_operations": 1}
 
 
 @pytest.fixture
@@ -106,7 +110,12 @@ async def test_rate_share_two_instances_keep_to_the_ceiling_together(make_config
     users = 4 * RATE
     fake_cio.set_rate_limit(RATE)
     config = make_config(
-        sync={"rate_limit_per_second": RATE, "concurrency": 4, "claim_batch_size": 10}
+        sync={
+            "rate_limit_per_second": RATE,
+            "concurrency": 4,
+            "claim_batch_size": 10,
+            **ONE_REQUEST_A_USER,
+        }
     )
     async with open_runtime(config) as first, open_runtime(config) as second:
         await _store_users(first, users)
@@ -114,6 +123,7 @@ async def test_rate_share_two_instances_keep_to_the_ceiling_together(make_config
         assert await _instance_ids(first.sessionmaker) == set()
 
     assert fake_cio.counts[429] == 0
+    assert requests_made(fake_cio) == users
     assert one.sent + two.sent == users
     assert one.sent > 0 and two.sent > 0
     # Each alone would go at the full rate: together they would send twice as fast.
@@ -123,7 +133,9 @@ async def test_rate_share_two_instances_keep_to_the_ceiling_together(make_config
 async def test_rate_share_a_single_instance_gets_the_whole_rate(make_config, fake_cio):
     users = 2 * RATE
     fake_cio.set_rate_limit(RATE)
-    config = make_config(sync={"rate_limit_per_second": RATE, "concurrency": 4})
+    config = make_config(
+        sync={"rate_limit_per_second": RATE, "concurrency": 4, **ONE_REQUEST_A_USER}
+    )
     async with open_runtime(config) as runtime:
         # A dead instance's stale heartbeat takes no share.
         await _insert_stale(runtime.sessionmaker)
@@ -131,5 +143,6 @@ async def test_rate_share_a_single_instance_gets_the_whole_rate(make_config, fak
         summary = await runtime.sync.run_once("test")
 
     assert summary.sent == users
+    assert requests_made(fake_cio) == users
     assert fake_cio.counts[429] == 0
     assert RATE * 0.75 <= _combined_rate(fake_cio) <= RATE * 1.1

@@ -22,6 +22,7 @@ from connector.web.keys import runtime_key
 
 from ..conftest import ADMIN, INGEST
 from ..helpers import event, message, notification
+from ..track_calls import identify_bodies, operations, requests_made
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 HULL = json.loads((FIXTURES / "hull_notification.json").read_text())
@@ -48,14 +49,6 @@ async def get_user(client, user_id: str) -> dict[str, Any]:
     resp = await client.get(f"/api/users/{user_id}", headers=ADMIN)
     assert resp.status == 200, await resp.text()
     return await resp.json()
-
-
-def identify_bodies(fake_cio, customer_id: str) -> list[dict[str, Any]]:
-    return [
-        r.body
-        for r in fake_cio.requests_for("PUT", f"/api/v1/customers/{customer_id}")
-        if r.status == 200
-    ]
 
 
 async def test_outbound_insert_sends_mapped_attributes_and_records_write_back(start_app, fake_cio):
@@ -136,7 +129,7 @@ async def test_outbound_unchanged_notification_does_not_mark_pending(start_app, 
     assert user["sync"]["pending"] is False
 
 
-async def chunked_calls(start_app, fake_cio, count: int) -> list[dict[str, Any]]:
+async def chunked_calls(start_app, fake_cio, transport: str, count: int) -> list[dict[str, Any]]:
     client = await start_app()
     names = [f"attr_{i:03d}" for i in range(count)]
     await configure(client, synchronized_attributes=names)
@@ -147,15 +140,18 @@ async def chunked_calls(start_app, fake_cio, count: int) -> list[dict[str, Any]]
     assert all(stored[name] == f"value {name}" for name in names)
     assert all(len(body) <= 30 for body in bodies)
     assert "email" in bodies[0] and "created_at" in bodies[0]
+    # Batch: the user's identify operations travel together in one request; single: one call
+    # each.
+    assert requests_made(fake_cio) == (1 if transport == "batch" else len(bodies))
     return bodies
 
 
-async def test_outbound_45_attributes_take_2_calls(start_app, fake_cio):
-    assert len(await chunked_calls(start_app, fake_cio, 45)) == 2
+async def test_outbound_45_attributes_take_2_calls(start_app, fake_cio, transport):
+    assert len(await chunked_calls(start_app, fake_cio, transport, 45)) == 2
 
 
-async def test_outbound_315_attributes_take_11_calls(start_app, fake_cio):
-    assert len(await chunked_calls(start_app, fake_cio, 315)) == 11
+async def test_outbound_315_attributes_take_11_calls(start_app, fake_cio, transport):
+    assert len(await chunked_calls(start_app, fake_cio, transport, 315)) == 11
 
 
 async def test_outbound_user_outside_whitelisted_segments_is_skipped(start_app, fake_cio):
@@ -183,7 +179,7 @@ async def test_outbound_user_leaving_every_segment_is_deleted_once(start_app, fa
     await notify(client, message(segments=(), plan="pro"))
     await sync(client)
 
-    assert [r.path for r in fake_cio.requests_for("DELETE")] == ["/api/v1/customers/ext-1"]
+    assert [c.customer_id for c in operations(fake_cio, "delete")] == ["ext-1"]
     user = await get_user(client, "u1")
     assert user["sync"]["status"] == "deleted"
     assert user["customerio"]["deleted_at"]
@@ -191,7 +187,7 @@ async def test_outbound_user_leaving_every_segment_is_deleted_once(start_app, fa
     # Already deleted: a further change outside the segments makes no call.
     await notify(client, message(segments=(), plan="enterprise"))
     await sync(client)
-    assert len(fake_cio.requests_for("DELETE")) == 1
+    assert len(operations(fake_cio, "delete")) == 1
     user = await get_user(client, "u1")
     assert user["sync"]["status"] == "skipped"
     assert "already deleted" in user["sync"]["skip_reason"]
@@ -203,10 +199,10 @@ async def test_outbound_deletion_off_leaves_the_customer(start_app, fake_cio):
     await sync(client)
     await notify(client, message(segments=()))
     await sync(client)
-    assert fake_cio.requests_for("DELETE") == []
+    assert operations(fake_cio, "delete") == []
 
 
-async def test_outbound_sends_whitelisted_events_after_identify(start_app, fake_cio):
+async def test_outbound_sends_whitelisted_events_after_identify(start_app, fake_cio, transport):
     client = await start_app()
     await configure(client, events_filter=["Signed Up"])
     events = [
@@ -216,12 +212,11 @@ async def test_outbound_sends_whitelisted_events_after_identify(start_app, fake_
     await notify(client, message(events=events))
     await sync(client)
 
-    methods = [(r.method, r.path) for r in fake_cio.requests]
-    assert methods == [
-        ("PUT", "/api/v1/customers/ext-1"),
-        ("POST", "/api/v1/customers/ext-1/events"),
-    ]
-    sent = fake_cio.requests[1].body
+    asked = [(c.kind, c.customer_id) for c in operations(fake_cio)]
+    assert asked == [("identify", "ext-1"), ("event", "ext-1")]
+    # Batch: the identify and its event in one request; single: a call each.
+    assert requests_made(fake_cio) == (1 if transport == "batch" else 2)
+    sent = operations(fake_cio)[1].body
     assert sent["name"] == "Signed Up"
     assert sent["data"] == {"plan": "pro"}
     assert sent["timestamp"] == 1522420682
@@ -232,15 +227,21 @@ async def test_outbound_sends_whitelisted_events_after_identify(start_app, fake_
     assert outcomes["ev-2"][0] == "skipped"
 
 
-async def test_outbound_event_ids_are_stable_across_resends(start_app, fake_cio):
+async def test_outbound_event_ids_are_stable_across_resends(start_app, fake_cio, transport):
     client = await start_app()
     await configure(client, events_filter=["Signed Up"])
     await notify(client, message(events=[event("ev-1", "Signed Up")]))
-    fake_cio.fail_next(503, method="POST")
+    if transport == "batch":
+        fake_cio.fail_next(503, path="/api/v2/batch")
+    else:
+        # The event's call only; the identify (a PUT) goes through.
+        fake_cio.fail_next(503, method="POST")
     await sync(client)
     await asyncio.sleep(0.1)
     await sync(client)
-    ids = [r.body["id"] for r in fake_cio.requests_for("POST", "/api/v1/customers/ext-1/events")]
+    calls = operations(fake_cio, "event", "ext-1")
+    assert [c.status for c in calls] == [503, 200]
+    ids = [c.body["id"] for c in calls]
     assert len(ids) == 2 and ids[0] == ids[1]
 
 
@@ -263,7 +264,7 @@ async def test_outbound_page_views_use_url_and_referrer_with_fallbacks(start_app
     await notify(client, message(events=events))
     await sync(client)
 
-    pages = [r.body for r in fake_cio.requests_for("POST", "/api/v1/customers/ext-1/events")]
+    pages = [c.body for c in operations(fake_cio, "page", "ext-1")]
     assert [(p["type"], p["name"], p["data"]["referrer"]) for p in pages] == [
         ("page", "https://example.com/a", "https://google.com/"),
         ("page", "https://example.com/b", "https://bing.com/"),
@@ -293,7 +294,7 @@ async def test_outbound_anonymous_events_go_out_without_a_customer_id(start_app,
         ("anon-2", "Signed Up", None),
         ("anon-2", "https://example.com/x", "page"),
     ]
-    assert fake_cio.requests_for("PUT") == []
+    assert operations(fake_cio, "identify") == []
 
 
 async def test_outbound_user_without_customer_id_is_skipped(start_app, fake_cio):
@@ -342,9 +343,9 @@ async def test_outbound_429_beyond_the_resends_is_retried_on_a_later_pass(start_
 
     await asyncio.sleep(0.1)
     await sync(client)
-    assert [r.status for r in fake_cio.requests_for("PUT")] == [429] * (THROTTLE_RESENDS + 1) + [
-        200
-    ]
+    assert [c.status for c in operations(fake_cio, "identify", "ext-1")] == [429] * (
+        THROTTLE_RESENDS + 1
+    ) + [200]
     user = await get_user(client, "u1")
     assert user["sync"]["status"] == "synced"
     assert user["sync"]["attempts"] == 0

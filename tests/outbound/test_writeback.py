@@ -19,6 +19,7 @@ from connector.outbound.repository import UserOutcome
 from connector.runtime import open_runtime
 
 from ..helpers import event, message, notification
+from ..track_calls import BATCH, operations
 
 
 async def store(runtime, *messages: dict[str, Any]) -> None:
@@ -182,14 +183,20 @@ async def test_writeback_finish_stores_one_user(make_config, fake_cio):
     )
 
 
-async def test_writeback_user_changed_while_being_sent_stays_pending(make_config, fake_cio):
+async def test_writeback_user_changed_while_being_sent_stays_pending(
+    make_config, fake_cio, transport
+):
     config = make_config(sync={"concurrency": 2}, connector={"synchronized_attributes": ["plan"]})
     async with open_runtime(config) as runtime:
         await store(runtime, *(user_message(n, plan="free") for n in range(4)))
-        fake_cio.slow_next(0.5, method="PUT", path="/api/v1/customers/ext-1")
+        # The request that carries u1's identify: on batch the one of all four users.
+        if transport == "batch":
+            fake_cio.slow_next(0.5, path=BATCH)
+        else:
+            fake_cio.slow_next(0.5, method="PUT", path="/api/v1/customers/ext-1")
         running = asyncio.create_task(runtime.sync.run_once("test"))
         for _ in range(200):
-            if fake_cio.requests_for("PUT", "/api/v1/customers/ext-1"):
+            if operations(fake_cio, "identify", "ext-1"):
                 break
             await asyncio.sleep(0.01)
         await store(runtime, user_message(1, plan="pro"))
@@ -204,33 +211,49 @@ async def test_writeback_user_changed_while_being_sent_stays_pending(make_config
     assert [after_first[f"u{n}"].pending for n in (0, 2, 3)] == [False, False, False]
     assert second.sent == 1
     assert after_second["u1"].pending is False
-    bodies = [r.body for r in fake_cio.requests_for("PUT", "/api/v1/customers/ext-1")]
+    bodies = [c.body for c in operations(fake_cio, "identify", "ext-1")]
     assert bodies[0]["plan"] == "free" and bodies[-1] == {"plan": "pro"}
 
 
-async def test_writeback_pass_over_many_claims_commits_every_outcome(make_config, fake_cio):
+async def test_writeback_pass_over_many_claims_commits_every_outcome(
+    make_config, fake_cio, transport
+):
     config = make_config(sync={"claim_batch_size": 4, "concurrency": 3})
     fake_cio.latency = 0.005
     async with open_runtime(config) as runtime:
         await store(runtime, *(user_message(n) for n in range(25)))
-        fake_cio.fail_next(400, method="PUT", path="/api/v1/customers/ext-7")
-        fake_cio.fail_next(503, method="PUT", path="/api/v1/customers/ext-13")
+        if transport == "batch":
+            fake_cio.refuse_operations(["ext-7"])
+            # A 5xx is the whole request's: the first one, a claim of four users (u7 is in
+            # the sixth, claims going by id).
+            fake_cio.fail_next(503, path=BATCH)
+        else:
+            fake_cio.fail_next(400, method="PUT", path="/api/v1/customers/ext-7")
+            fake_cio.fail_next(503, method="PUT", path="/api/v1/customers/ext-13")
         seen: list[str] = []
         summary = await runtime.sync.run_once(
             "test", progress=lambda plan, _outcome: seen.append(plan.user_id)
         )
         users = await users_by_id(runtime)
 
-    assert (summary.sent, summary.failed, summary.retrying) == (23, 1, 1)
+    retried = [c for c in operations(fake_cio, "identify") if c.status == 503]
+    if transport == "batch":
+        assert len(retried) == 4 and len({c.batch for c in retried}) == 1
+    else:
+        assert [c.customer_id for c in retried] == ["ext-13"]
+    assert "ext-7" not in {c.customer_id for c in retried}
+    synced = 25 - 1 - len(retried)
+    assert (summary.sent, summary.failed, summary.retrying) == (synced, 1, len(retried))
     assert sorted(seen) == sorted(users)
-    # Every user exactly once: the one set back for a retry waits for the next pass.
-    per_customer = Counter(r.path for r in fake_cio.requests_for("PUT"))
+    # Every user exactly once: those set back for a retry wait for the next pass.
+    per_customer = Counter(c.customer_id for c in operations(fake_cio, "identify"))
     assert len(per_customer) == 25 and set(per_customer.values()) == {1}
     statuses = Counter(user.sync_status for user in users.values())
-    assert statuses == {"synced": 23, "failed": 1, "retrying": 1}
-    assert users["u7"].sync_status == "failed" and users["u13"].sync_status == "retrying"
+    assert statuses == {"synced": synced, "failed": 1, "retrying": len(retried)}
+    assert users["u7"].sync_status == "failed"
+    assert all(users[f"u{c.customer_id[4:]}"].sync_status == "retrying" for c in retried)
     assert all(user.claimed_by is None for user in users.values())
-    assert sum(user.pending for user in users.values()) == 1
+    assert sum(user.pending for user in users.values()) == len(retried)
 
 
 async def test_writeback_401_releases_every_claimed_user(make_config, fake_cio):

@@ -21,6 +21,7 @@ from connector.web.security import SESSION_COOKIE, LoginThrottle
 from ..conftest import ADMIN, ADMIN_PASSWORD, INGEST
 from ..helpers import event, message, notification, webhook
 from ..inbound.test_service import fixture, post_webhook, wait_processed, webhook_path
+from ..track_calls import identify_requests
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 SECRETS = {
@@ -627,9 +628,11 @@ async def test_admin_webhooks_panel_names_unmatched_deliveries_and_events_once(s
     assert panel.lower().count("unmatched<") == 1
 
 
-async def test_admin_status_panel_lists_failed_users_with_their_reason(start_app, fake_cio):
+async def test_admin_status_panel_lists_failed_users_with_their_reason(
+    start_app, fake_cio, transport
+):
     client = await logged_in(start_app, sync={"max_attempts": 1})
-    fake_cio.fail_next(400, method="PUT")
+    fake_cio.fail_next(400, **identify_requests(transport))
     await client.post("/smart-notifier", json=notification(message("u1")), headers=INGEST)
     await client.post("/api/sync?wait=1", headers=ADMIN)
     html = await page_html(client)

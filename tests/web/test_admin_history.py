@@ -10,6 +10,7 @@ from html import unescape
 
 from ..conftest import ADMIN, INGEST
 from ..helpers import message, notification
+from ..track_calls import identify_requests
 from .test_admin import SECRETS, csrf_in, log_in, logged_in, page_html, submit
 
 ROW = re.compile(r'<tr id="(?:run|audit)-\d+">(.*?)</tr>', re.S)
@@ -41,9 +42,9 @@ async def test_admin_recent_runs_is_empty_before_any_pass(start_app):
     assert '<p id="recent-runs">No sync has run yet.</p>' in html
 
 
-async def test_admin_sync_now_shows_a_page_pass_in_recent_runs(start_app, fake_cio):
+async def test_admin_sync_now_shows_a_page_pass_in_recent_runs(start_app, fake_cio, transport):
     client = await logged_in(start_app, sync={"max_attempts": 1})
-    fake_cio.fail_next(400, method="PUT")
+    fake_cio.fail_next(400, **identify_requests(transport))
     await client.post(
         "/smart-notifier",
         json=notification(message("u1"), message("u2", external_id="ext-2", segments=())),
@@ -67,9 +68,9 @@ async def test_admin_sync_now_shows_a_page_pass_in_recent_runs(start_app, fake_c
     assert newest["held"] == first["held"] == "0"
 
 
-async def test_admin_retry_on_the_page_is_a_page_pass(start_app, fake_cio):
+async def test_admin_retry_on_the_page_is_a_page_pass(start_app, fake_cio, transport):
     client = await logged_in(start_app, sync={"max_attempts": 1})
-    fake_cio.fail_next(400, method="PUT")
+    fake_cio.fail_next(400, **identify_requests(transport))
     await client.post("/smart-notifier", json=notification(message("u1")), headers=INGEST)
     await client.post("/api/sync?wait=1", headers=ADMIN)
     html = await page_html(client)

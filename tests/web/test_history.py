@@ -18,6 +18,7 @@ from connector.web.keys import runtime_key
 from ..conftest import ADMIN, INGEST, basic_auth
 from ..helpers import message, notification
 from ..test_cli import import_good_users, run_cli, settings_file  # noqa: F401 (a fixture)
+from ..track_calls import identify_requests
 
 
 async def runs(client, query: str = "") -> list[dict[str, Any]]:
@@ -68,20 +69,27 @@ async def test_runs_record_an_api_pass_with_its_counts(start_app, fake_cio):
     assert (run["error"], run["errors"]) == (None, [])
 
 
-async def test_runs_keep_the_first_distinct_error_reasons(start_app, fake_cio):
+async def test_runs_keep_the_first_distinct_error_reasons(start_app, fake_cio, transport):
     client = await start_app(sync={"max_attempts": 1, "concurrency": 1})
-    fake_cio.fail_next(400, times=3, method="PUT")
+    if transport == "batch":
+        # Each identify refused in the request that carries all three (a 207).
+        fake_cio.refuse_operations(actions=["identify"], times=3)
+    else:
+        fake_cio.fail_next(400, times=3, method="PUT")
     await notify(client, *(message(f"u{i}", external_id=f"ext-{i}") for i in range(3)))
     await client.post("/api/sync?wait=1", headers=ADMIN)
     [run] = await runs(client)
     assert run["failed"] == 3
     # Three users failed the same way: one reason.
-    assert len(run["errors"]) == 1 and "HTTP 400" in run["errors"][0]
+    status = "HTTP 207" if transport == "batch" else "HTTP 400"
+    assert len(run["errors"]) == 1 and status in run["errors"][0]
 
 
-async def test_runs_count_users_that_will_be_retried_with_their_reason(start_app, fake_cio):
+async def test_runs_count_users_that_will_be_retried_with_their_reason(
+    start_app, fake_cio, transport
+):
     client = await start_app(sync={"max_attempts": 5})
-    fake_cio.fail_next(503, method="PUT")
+    fake_cio.fail_next(503, **identify_requests(transport))
     await notify(client, message("u1"))
     await client.post("/api/sync?wait=1", headers=ADMIN)
     [run] = await runs(client)
@@ -136,9 +144,9 @@ async def test_runs_a_pass_a_notification_asked_for_says_notification(start_app,
     assert history[0]["sent"] == 1
 
 
-async def test_runs_a_retry_is_recorded_as_its_callers_pass(start_app, fake_cio):
+async def test_runs_a_retry_is_recorded_as_its_callers_pass(start_app, fake_cio, transport):
     client = await start_app(sync={"max_attempts": 1})
-    fake_cio.fail_next(400, method="PUT")
+    fake_cio.fail_next(400, **identify_requests(transport))
     await notify(client, message("u1"))
     await client.post("/api/sync?wait=1", headers=ADMIN)
     resp = await client.post("/api/retry-failed", headers=ADMIN)
