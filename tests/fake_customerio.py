@@ -140,11 +140,15 @@ class _Rule:
     body: Any = None
     delay: float = 0.0
     headers: dict[str, str] | None = None
+    when: Callable[[Any], bool] | None = None
+    """Only requests whose parsed JSON body this is true of."""
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, body: Any = None) -> bool:
         if self.method is not None and self.method.upper() != method:
             return False
-        return self.path is None or path.startswith(self.path)
+        if self.path is not None and not path.startswith(self.path):
+            return False
+        return self.when is None or bool(self.when(body))
 
 
 @dataclass
@@ -321,8 +325,10 @@ class FakeCustomerIO:
         path: str | None = None,
         body: Any = None,
         headers: dict[str, str] | None = None,
+        when: Callable[[Any], bool] | None = None,
     ) -> None:
-        """Answer ``status`` to the next ``times`` API requests matching method and path prefix.
+        """Answer ``status`` to the next ``times`` API requests matching method and path prefix
+        (and ``when``, a test of the request's parsed JSON body, if given).
 
         ``body`` is sent as JSON, or as plain text when it is a string; by default it is a
         Customer.io-style ``{"meta": {"error": ...}}``. ``headers`` go with the answer
@@ -330,7 +336,8 @@ class FakeCustomerIO:
         """
         if body is None:
             body = {"meta": {"error": f"injected failure {status}"}}
-        self._rules.append(_Rule(times, method, path, status=status, body=body, headers=headers))
+        rule = _Rule(times, method, path, status=status, body=body, headers=headers, when=when)
+        self._rules.append(rule)
 
     def fault_mix(
         self,
@@ -453,11 +460,11 @@ class FakeCustomerIO:
 
     # -- request handling --------------------------------------------------------------
 
-    def _take_rules(self, method: str, path: str) -> tuple[float, _Rule | None]:
+    def _take_rules(self, method: str, path: str, body: Any) -> tuple[float, _Rule | None]:
         delay = 0.0
         failure = None
         for rule in self._rules:
-            if rule.times <= 0 or not rule.matches(method, path):
+            if rule.times <= 0 or not rule.matches(method, path, body):
                 continue
             if rule.delay and not delay:
                 delay = rule.delay
@@ -495,7 +502,7 @@ class FakeCustomerIO:
         if self.record:
             self.requests.append(entry)
 
-        delay, failure = self._take_rules(request.method, path)
+        delay, failure = self._take_rules(request.method, path, body)
         fault = None
         if self._mix is not None and failure is None and auth_ok:
             fault = self._mix.draw(request.method, raw_path, raw)

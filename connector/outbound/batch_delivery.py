@@ -15,6 +15,10 @@ result of every operation in order. What Customer.io's answer means for each ope
 
 Operations with no v2 form (anonymous events, an event over 32 KB) go to the v1 endpoints,
 each user's in order, after its batched operations.
+
+A user's operations keep their order across requests: once one of them gets an answer after
+which the v1 transport would stop (a retry, a failed identify or deletion), its operations in
+later requests are not sent this pass (:func:`holds_back`); the user resumes with them later.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from connector.ops.metrics import Metrics
-from connector.outbound.operations import Operation, Sender, SendResult, operation_name
+from connector.outbound.operations import (
+    DeleteCustomer,
+    Identify,
+    Operation,
+    Sender,
+    SendResult,
+    operation_name,
+)
 from connector.outbound.packing import BatchRequest, Entry, pack
 from connector.rules.delivery import THROTTLE_RESENDS, SendOutcome
 
@@ -51,6 +62,23 @@ class Delivery:
     batch_requests: int = 0
     batch_users: int = 0
     """The users of each batch request, summed (users per request = this / batch_requests)."""
+    held_back: set[str] = field(default_factory=set)
+    """Users whose operations stop here, as the v1 transport would stop them (an answer to
+    retry, a failed identify or deletion): their operations in later requests are not sent."""
+
+    def add(self, entry_user: str, operation: Operation, result: SendResult) -> None:
+        self.results[entry_user].append((operation, result))
+        if holds_back(operation, result):
+            self.held_back.add(entry_user)
+
+
+def holds_back(operation: Operation, result: SendResult) -> bool:
+    """Whether the rest of a user's operations wait after this answer to one of them."""
+    if result.ok:
+        return False
+    if result.outcome is SendOutcome.FAIL:
+        return isinstance(operation, Identify | DeleteCustomer)
+    return True
 
 
 class BatchDelivery:
@@ -83,9 +111,13 @@ class BatchDelivery:
 
         async def one(index: int, request: BatchRequest) -> None:
             try:
+                entries = request.entries
                 if request.after is not None:
                     await answered[request.after].wait()
-                await self._send(request.entries, delivery, [MAX_SPLIT_REQUESTS])
+                    # A user whose earlier operations were held back goes no further.
+                    entries = [e for e in entries if e.user_id not in delivery.held_back]
+                if entries:
+                    await self._send(entries, delivery, [MAX_SPLIT_REQUESTS])
             finally:
                 answered[index].set()
 
@@ -123,7 +155,7 @@ class BatchDelivery:
             for index, entry in enumerate(entries):
                 reason = answer.refused.get(index)
                 outcome = SendResult(SendOutcome.FAIL, 207, reason) if reason else result
-                delivery.results[entry.user_id].append((entry.operation, outcome))
+                delivery.add(entry.user_id, entry.operation, outcome)
             return
         if (
             result.outcome is SendOutcome.FAIL
@@ -142,13 +174,16 @@ class BatchDelivery:
     @staticmethod
     def _settle(entries: list[Entry], delivery: Delivery, result: SendResult) -> None:
         for entry in entries:
-            delivery.results[entry.user_id].append((entry.operation, result))
+            delivery.add(entry.user_id, entry.operation, result)
 
     async def _send_v1(self, user_id: str, operations: list[Operation], delivery: Delivery) -> None:
-        """A user's v1 operations in order; it stops where the v1 transport would."""
+        """A user's v1 operations in order, after its batched ones; it stops where the v1
+        transport would."""
         for operation in operations:
+            if user_id in delivery.held_back:
+                return
             if self._stop.is_set():
-                delivery.results[user_id].append((operation, _NOT_SENT))
+                delivery.add(user_id, operation, _NOT_SENT)
                 continue
             for _ in range(THROTTLE_RESENDS + 1):
                 result = await self._sender.send(operation)
@@ -161,4 +196,4 @@ class BatchDelivery:
                     break
             if result.outcome is SendOutcome.UNAUTHORIZED:
                 self._stop.set()
-            delivery.results[user_id].append((operation, result))
+            delivery.add(user_id, operation, result)

@@ -158,6 +158,21 @@ async def test_batch_5xx_retries_every_user_of_the_request_and_resends_the_same_
     assert len(fake_cio.events) == 2 * USERS
 
 
+async def test_batch_a_user_held_back_sends_nothing_of_its_later_requests(start_app, fake_cio):
+    client = await start_app(sync={"batch_max_operations": 1})
+    await configure(client, synchronized_attributes=["first_name"], events_filter=["Signed Up"])
+    await notify(client, message("u1", first_name="Ana", events=[event("e1", "Signed Up")]))
+    # Identify and event in a request each: the identify's fails, so the event waits for it.
+    fake_cio.fail_next(503, times=1, path=BATCH)
+    first = await sync(client)
+    assert first["retrying"] == 1 and first["events_sent"] == 0
+    assert [c.kind for c in operations(fake_cio)] == ["identify"]
+    await asyncio.sleep(0.1)
+    second = await sync(client)
+    assert (second["sent"], second["events_sent"]) == (1, 1)
+    assert [c.kind for c in operations(fake_cio)] == ["identify", "identify", "event"]
+
+
 async def test_batch_anonymous_events_stay_on_v1(start_app, fake_cio):
     client = await start_app()
     await configure(client, events_filter=["Viewed"], anonymous_events=True)
@@ -179,17 +194,22 @@ async def test_batch_user_split_over_two_requests_resumes_with_what_is_left(star
     names = [f"attr_{i:02}" for i in range(60)]
     await configure(client, synchronized_attributes=names)
     await notify(client, message("big", external_id="ext-big", **{n: "v" * 900 for n in names}))
+
     # Identify operations of ~28 KB: the user's first one alone in a request, the rest in the
-    # next one, sent only once the first is answered.
-    fake_cio.fail_next(503, times=1, path=BATCH)
+    # next one, sent only once the first is answered. The second request fails.
+    def holds_a_later_chunk(body) -> bool:
+        return names[40] in body["batch"][0].get("attributes", {})
+
+    fake_cio.fail_next(503, times=1, path=BATCH, when=holds_a_later_chunk)
     first = await sync(client)
     assert first["retrying"] == 1
-    assert [r.status for r in fake_cio.requests_for("POST", BATCH)] == [503, 200]
-    failed, applied = ({} for _ in range(2))
+    assert [r.status for r in fake_cio.requests_for("POST", BATCH)] == [200, 503]
+    applied, failed = ({} for _ in range(2))
     for call in operations(fake_cio, "identify"):
-        (failed if call.batch == 0 else applied).update(call.body)
+        (applied if call.batch == 0 else failed).update(call.body)
     assert failed and applied and not set(failed) & set(applied)
     assert set(applied) <= set(fake_cio.customers["ext-big"])
+    assert not set(failed) & set(fake_cio.customers["ext-big"])
     assert set(names) <= set(failed) | set(applied)
     before = len(identify_bodies(fake_cio, "ext-big"))
     await asyncio.sleep(0.1)  # past the backoff
