@@ -7,8 +7,10 @@ conversion, Customer.io's size limits, change detection, chunking, event ids and
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
+import math
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -46,6 +48,7 @@ MISSING: Final = Missing.MISSING
 """What :func:`lookup` answers for an attribute the user does not have (unlike a null value)."""
 
 
+@functools.lru_cache(maxsize=4096)
 def attribute_name(path: str) -> str:
     """Customer.io name of a platform attribute path.
 
@@ -100,7 +103,17 @@ def byte_size(value: Any) -> int:
     text. Text that has no UTF-8 form (a lone surrogate) raises ``UnicodeEncodeError``.
     """
     if isinstance(value, str):
-        return len(value.encode("utf-8"))
+        return len(value) if value.isascii() else len(value.encode("utf-8"))
+    # The JSON text of the common scalars without json.dumps (most attributes are these).
+    if value is None or value is True:
+        return 4
+    if value is False:
+        return 5
+    kind = type(value)
+    if kind is int:
+        return len(int.__repr__(value))
+    if kind is float and math.isfinite(value):
+        return len(float.__repr__(value))
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
     return len(text.encode("utf-8"))
 
@@ -215,6 +228,17 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+_EXACT_TYPES: Final = frozenset({str, int, bool, type(None)})
+"""Types whose values are equal exactly when their JSON texts are (not float: ``0.0 == -0.0``)."""
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    kind = type(a)
+    if kind is type(b) and kind in _EXACT_TYPES:
+        return a == b
+    return _canonical(a) == _canonical(b)
+
+
 def changed_attributes(current: dict[str, Any], sent: dict[str, Any]) -> dict[str, Any]:
     """The attributes of ``current`` that are new or differ from what was last ``sent``.
 
@@ -224,7 +248,7 @@ def changed_attributes(current: dict[str, Any], sent: dict[str, Any]) -> dict[st
     return {
         name: value
         for name, value in current.items()
-        if name not in sent or _canonical(sent[name]) != _canonical(value)
+        if name not in sent or not _same_json(sent[name], value)
     }
 
 
