@@ -133,9 +133,29 @@ def _size_error(what: str, value: Any, limit: int | None) -> str | None:
 
 def attribute_error(name: str, value: Any) -> str | None:
     """Why Customer.io would refuse attribute ``name`` with ``value``, or None when it fits."""
-    return _size_error("name", name, MAX_ATTRIBUTE_NAME_BYTES) or _size_error(
-        "value", value, MAX_ATTRIBUTE_VALUE_BYTES
-    )
+    return _name_error(name) or _value_error(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_error(name: str) -> str | None:
+    # Cached: the names come from the settings, the same for every user.
+    return _size_error("name", name, MAX_ATTRIBUTE_NAME_BYTES)
+
+
+_FITTING_INT: Final = 10**900
+"""Integers of fewer digits than this one's fit the value limit whatever their sign."""
+
+
+def _value_error(value: Any) -> str | None:
+    # The commonest values fit without being measured: short ASCII text, booleans, null,
+    # floats (24 characters at most, as JSON) and integers short of the limit.
+    kind = type(value)
+    if kind is str:
+        if len(value) <= MAX_ATTRIBUTE_VALUE_BYTES and value.isascii():
+            return None
+    elif value is None or kind in (bool, float) or (kind is int and abs(value) < _FITTING_INT):
+        return None
+    return _size_error("value", value, MAX_ATTRIBUTE_VALUE_BYTES)
 
 
 def customer_id_error(customer_id: str) -> str | None:
@@ -234,8 +254,12 @@ _EXACT_TYPES: Final = frozenset({str, int, bool, type(None)})
 
 def _same_json(a: Any, b: Any) -> bool:
     kind = type(a)
-    if kind is type(b) and kind in _EXACT_TYPES:
-        return a == b
+    if kind is type(b):
+        if kind in _EXACT_TYPES:
+            return a == b
+        if kind is float:
+            # A float's JSON text is its repr (NaN and the infinities spelt otherwise).
+            return float.__repr__(a) == float.__repr__(b)
     return _canonical(a) == _canonical(b)
 
 
