@@ -154,7 +154,9 @@ class OutboundRepository:
             return await sync_state.mark_all_pending(session, utcnow(), full=full)
 
     async def claim(self, limit: int, due_by: datetime | None = None) -> list[ClaimedUser]:
-        """Lease up to ``limit`` pending users due by ``due_by`` (default: now) and load them.
+        """Lease up to ``limit`` pending users due by ``due_by`` (default: now) and load them,
+        oldest pending first: one ``UPDATE … RETURNING`` of their snapshots, one ``SELECT`` of
+        their pending events.
 
         A pass claims what was due when it started, so a user it sets back for a retry, or
         one that changes meanwhile, waits for the next pass.
@@ -312,9 +314,11 @@ class OutboundRepository:
     async def finish_many(self, items: Sequence[Finished]) -> None:
         """Store the outcomes of several users in one transaction (see :meth:`finish`).
 
-        The users are loaded and locked by one ``SELECT … FOR UPDATE``; every event result,
-        and every failed user's waiting events, go out as one statement each, executed for
-        many rows. A user deleted meanwhile is left out.
+        The columns the rules read are loaded, and the users locked, by one ``SELECT … FOR
+        UPDATE``; the changes go out as one ``UPDATE`` per set of columns changed, and every
+        event result, and every failed user's waiting events, as one statement each: each
+        executed for many rows, with no ORM object per user. A user deleted meanwhile is
+        left out.
         """
         if not items:
             return
