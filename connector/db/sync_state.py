@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, false, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -56,6 +56,22 @@ class SyncStatus(enum.StrEnum):
     without the deletion guard counting it (unless it came back into a segment)."""
 
 
+class QueueState(Protocol):
+    """The queue columns of one user as a pass's write-back changes them: a :class:`User`, or
+    a plain object holding the columns the write-back read (``outbound.repository``)."""
+
+    version: int
+    pending: bool
+    pending_since: datetime | None
+    next_attempt_at: datetime | None
+    attempts: int
+    via_batch: bool
+    full_sync: bool
+    sync_status: str
+    skip_reason: str | None
+    last_error: str | None
+
+
 PASS_RESULTS = frozenset(
     {
         SyncStatus.SYNCED,
@@ -74,7 +90,7 @@ def failed_for_good() -> ColumnElement[bool]:
     return (User.sync_status == SyncStatus.FAILED) & User.pending.is_(False)
 
 
-def is_failed_for_good(user: User) -> bool:
+def is_failed_for_good(user: QueueState) -> bool:
     """:func:`failed_for_good` of a loaded user."""
     return user.sync_status == SyncStatus.FAILED and not user.pending
 
@@ -93,7 +109,7 @@ def held_deletion() -> ColumnElement[bool]:
     return (User.sync_status == SyncStatus.HELD) & User.pending.is_(False)
 
 
-def is_deletion_confirmed(user: User) -> bool:
+def is_deletion_confirmed(user: QueueState) -> bool:
     """Whether an admin confirmed the deletion the last pass held for ``user``."""
     return user.sync_status == SyncStatus.CONFIRMED
 
@@ -173,7 +189,7 @@ async def confirm_held_deletions(
 
 
 def record_result(
-    user: User, status: str, *, reason: str | None, claimed_version: int, now: datetime
+    user: QueueState, status: str, *, reason: str | None, claimed_version: int, now: datetime
 ) -> None:
     """A pass settled ``user`` with ``status`` (one of :data:`PASS_RESULTS`) and ``reason``
     (``skip_reason`` of a skipped user, ``last_error`` of a failed one).
@@ -197,7 +213,7 @@ def record_result(
 
 
 def record_retry(
-    user: User, *, attempts: int, reason: str | None, retry_at: datetime | None
+    user: QueueState, *, attempts: int, reason: str | None, retry_at: datetime | None
 ) -> None:
     """A pass must try ``user`` again at ``retry_at`` (``retrying``), or gave up on it
     (``retry_at`` None: ``failed``, and no longer pending), after ``attempts``.

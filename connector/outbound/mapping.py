@@ -7,8 +7,10 @@ conversion, Customer.io's size limits, change detection, chunking, event ids and
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
+import math
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -46,6 +48,7 @@ MISSING: Final = Missing.MISSING
 """What :func:`lookup` answers for an attribute the user does not have (unlike a null value)."""
 
 
+@functools.lru_cache(maxsize=4096)
 def attribute_name(path: str) -> str:
     """Customer.io name of a platform attribute path.
 
@@ -100,7 +103,17 @@ def byte_size(value: Any) -> int:
     text. Text that has no UTF-8 form (a lone surrogate) raises ``UnicodeEncodeError``.
     """
     if isinstance(value, str):
-        return len(value.encode("utf-8"))
+        return len(value) if value.isascii() else len(value.encode("utf-8"))
+    # The JSON text of the common scalars without json.dumps (most attributes are these).
+    if value is None or value is True:
+        return 4
+    if value is False:
+        return 5
+    kind = type(value)
+    if kind is int:
+        return len(int.__repr__(value))
+    if kind is float and math.isfinite(value):
+        return len(float.__repr__(value))
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
     return len(text.encode("utf-8"))
 
@@ -120,9 +133,29 @@ def _size_error(what: str, value: Any, limit: int | None) -> str | None:
 
 def attribute_error(name: str, value: Any) -> str | None:
     """Why Customer.io would refuse attribute ``name`` with ``value``, or None when it fits."""
-    return _size_error("name", name, MAX_ATTRIBUTE_NAME_BYTES) or _size_error(
-        "value", value, MAX_ATTRIBUTE_VALUE_BYTES
-    )
+    return _name_error(name) or _value_error(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_error(name: str) -> str | None:
+    # Cached: the names come from the settings, the same for every user.
+    return _size_error("name", name, MAX_ATTRIBUTE_NAME_BYTES)
+
+
+_FITTING_INT: Final = 10**900
+"""Integers of fewer digits than this one's fit the value limit whatever their sign."""
+
+
+def _value_error(value: Any) -> str | None:
+    # The commonest values fit without being measured: short ASCII text, booleans, null,
+    # floats (24 characters at most, as JSON) and integers short of the limit.
+    kind = type(value)
+    if kind is str:
+        if len(value) <= MAX_ATTRIBUTE_VALUE_BYTES and value.isascii():
+            return None
+    elif value is None or kind in (bool, float) or (kind is int and abs(value) < _FITTING_INT):
+        return None
+    return _size_error("value", value, MAX_ATTRIBUTE_VALUE_BYTES)
 
 
 def customer_id_error(customer_id: str) -> str | None:
@@ -215,6 +248,21 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+_EXACT_TYPES: Final = frozenset({str, int, bool, type(None)})
+"""Types whose values are equal exactly when their JSON texts are (not float: ``0.0 == -0.0``)."""
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    kind = type(a)
+    if kind is type(b):
+        if kind in _EXACT_TYPES:
+            return a == b
+        if kind is float:
+            # A float's JSON text is its repr (NaN and the infinities spelt otherwise).
+            return float.__repr__(a) == float.__repr__(b)
+    return _canonical(a) == _canonical(b)
+
+
 def changed_attributes(current: dict[str, Any], sent: dict[str, Any]) -> dict[str, Any]:
     """The attributes of ``current`` that are new or differ from what was last ``sent``.
 
@@ -224,7 +272,7 @@ def changed_attributes(current: dict[str, Any], sent: dict[str, Any]) -> dict[st
     return {
         name: value
         for name, value in current.items()
-        if name not in sent or _canonical(sent[name]) != _canonical(value)
+        if name not in sent or not _same_json(sent[name], value)
     }
 
 

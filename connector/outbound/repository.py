@@ -9,14 +9,13 @@ users go when the lease runs out.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import and_, bindparam, delete, func, or_, select, true, update
+from sqlalchemy import Row, and_, bindparam, delete, func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import load_only
 
 from connector.db import sync_state
 from connector.db.claims import claim_rows, unclaimed
@@ -69,30 +68,50 @@ Finished = tuple[ClaimedUser, UserOutcome, datetime | None]
 RUNS_KEPT = 1000
 """The run history: recording a pass deletes the runs older than the newest this many."""
 
-# What the write-back reads and writes of a user (the data the platform sent stays unloaded).
-_WRITE_BACK_COLUMNS = (
-    User.version,
-    User.pending,
-    User.pending_since,
-    User.next_attempt_at,
-    User.attempts,
-    User.claimed_by,
-    User.claimed_until,
-    User.full_sync,
-    User.via_batch,
-    User.sync_status,
-    User.skip_reason,
-    User.last_error,
-    User.attribute_errors,
-    User.cio_id,
-    User.cio_created_at,
-    User.cio_synced_at,
-    User.cio_deleted_at,
-    User.cio_hash,
-    User.sent_attributes,
-)
-
+_users = User.__table__
 _events = UserEvent.__table__
+
+# What a pass reads of a claimed user: its snapshot and the state its write-back checks.
+_SNAPSHOT_COLUMNS = (
+    _users.c.id,
+    _users.c.external_id,
+    _users.c.email,
+    _users.c.anonymous_ids,
+    _users.c.attributes,
+    _users.c.account,
+    _users.c.segments,
+    _users.c.via_batch,
+    _users.c.full_sync,
+    _users.c.sent_attributes,
+    _users.c.cio_id,
+    _users.c.cio_created_at,
+    _users.c.cio_deleted_at,
+    _users.c.sync_status,
+    _users.c.version,
+    _users.c.attempts,
+    _users.c.pending_since,
+)
+_EVENT_COLUMNS = (
+    _events.c.user_id,
+    _events.c.event_id,
+    _events.c.name,
+    _events.c.properties,
+    _events.c.context,
+    _events.c.occurred_at,
+)
+# What the write-back reads of a user before it changes it (it writes more: see _UserState).
+_WRITE_BACK_READS = (
+    _users.c.id,
+    _users.c.version,
+    _users.c.pending,
+    _users.c.sync_status,
+    _users.c.cio_created_at,
+    _users.c.cio_deleted_at,
+    _users.c.sent_attributes,
+    _users.c.last_error,
+)
+_QUEUE_START = datetime.min.replace(tzinfo=UTC)
+
 _EVENT_RESULT = (
     update(_events)
     .where(
@@ -135,7 +154,9 @@ class OutboundRepository:
             return await sync_state.mark_all_pending(session, utcnow(), full=full)
 
     async def claim(self, limit: int, due_by: datetime | None = None) -> list[ClaimedUser]:
-        """Lease up to ``limit`` pending users due by ``due_by`` (default: now) and load them.
+        """Lease up to ``limit`` pending users due by ``due_by`` (default: now) and load them,
+        oldest pending first: one ``UPDATE … RETURNING`` of their snapshots, one ``SELECT`` of
+        their pending events.
 
         A pass claims what was due when it started, so a user it sets back for a retry, or
         one that changes meanwhile, waits for the next pass.
@@ -149,12 +170,13 @@ class OutboundRepository:
                 order_by=(User.pending_since, User.id),
                 limit=limit,
                 values={"claimed_by": self.instance_id, "claimed_until": now + self._lease},
-                returning=(User.id,),
+                returning=_SNAPSHOT_COLUMNS,
             )
-            ids = [row[0] for row in claimed]
-            if not ids:
+            # RETURNING keeps no order: the pass works in the queue's.
+            rows = sorted(claimed, key=lambda row: (row.pending_since or _QUEUE_START, row.id))
+            if not rows:
                 return []
-            return await self._load(session, ids)
+            return await self._with_events(session, rows)
 
     async def peek(
         self,
@@ -174,16 +196,16 @@ class OutboundRepository:
         else:
             condition = User.pending.is_(True)
         async with self._sessionmaker() as session:
-            ids = list(
-                await session.scalars(
-                    select(User.id)
+            rows = (
+                await session.execute(
+                    select(*_SNAPSHOT_COLUMNS)
                     .where(condition)
-                    .order_by(User.pending_since, User.id)
+                    .order_by(_users.c.pending_since, _users.c.id)
                     .limit(limit)
                     .offset(offset)
                 )
-            )
-            users = await self._load(session, ids) if ids else []
+            ).all()
+            users = await self._with_events(session, rows) if rows else []
         if full:
             for claimed in users:
                 claimed.snapshot = replace(claimed.snapshot, full=True)
@@ -242,32 +264,28 @@ class OutboundRepository:
         async with self._sessionmaker() as session, session.begin():
             return await sync_state.confirm_held_deletions(session, utcnow(), user_ids)
 
-    async def _load(self, session: AsyncSession, ids: list[str]) -> list[ClaimedUser]:
-        users = (await session.scalars(select(User).where(User.id.in_(ids)))).all()
+    async def _with_events(
+        self, session: AsyncSession, rows: Sequence[Row[Any]]
+    ) -> list[ClaimedUser]:
+        """The claimed users of ``rows`` (of :data:`_SNAPSHOT_COLUMNS`), in that order, with
+        their pending events: one query for all of them."""
         events: dict[str, list[PlatformEvent]] = defaultdict(list)
-        rows = await session.scalars(
-            select(UserEvent)
-            .where(UserEvent.user_id.in_(ids), UserEvent.status == "pending")
-            .order_by(UserEvent.occurred_at, UserEvent.id)
+        found = await session.execute(
+            select(*_EVENT_COLUMNS)
+            .where(_events.c.user_id.in_([row.id for row in rows]), _events.c.status == "pending")
+            .order_by(_events.c.occurred_at, _events.c.id)
         )
-        for event in rows:
-            events[event.user_id].append(
-                PlatformEvent(
-                    event_id=event.event_id,
-                    name=event.name,
-                    properties=event.properties or {},
-                    context=event.context or {},
-                    occurred_at=event.occurred_at,
-                )
+        for user_id, event_id, name, properties, context, occurred_at in found:
+            events[user_id].append(
+                PlatformEvent(event_id, name, properties or {}, context or {}, occurred_at)
             )
-        order = {user_id: position for position, user_id in enumerate(ids)}
         return [
             ClaimedUser(
-                snapshot=_snapshot(user, events[user.id]),
-                version=user.version,
-                attempts=user.attempts,
+                snapshot=_snapshot(row, events.get(row.id, ())),
+                version=row.version,
+                attempts=row.attempts,
             )
-            for user in sorted(users, key=lambda u: order[u.id])
+            for row in rows
         ]
 
     async def release(self, user_ids: list[str]) -> None:
@@ -296,23 +314,24 @@ class OutboundRepository:
     async def finish_many(self, items: Sequence[Finished]) -> None:
         """Store the outcomes of several users in one transaction (see :meth:`finish`).
 
-        The users are loaded and locked by one ``SELECT … FOR UPDATE``; every event result,
-        and every failed user's waiting events, go out as one statement each, executed for
-        many rows. A user deleted meanwhile is left out.
+        The columns the rules read are loaded, and the users locked, by one ``SELECT … FOR
+        UPDATE``; the changes go out as one ``UPDATE`` per set of columns changed, and every
+        event result, and every failed user's waiting events, as one statement each: each
+        executed for many rows, with no ORM object per user. A user deleted meanwhile is
+        left out.
         """
         if not items:
             return
         now = utcnow()
         async with self._sessionmaker() as session, session.begin():
-            rows = await session.scalars(
-                select(User)
-                .where(User.id.in_([claimed.snapshot.id for claimed, _, _ in items]))
-                .options(load_only(*_WRITE_BACK_COLUMNS, raiseload=True))
+            found = await session.execute(
+                select(*_WRITE_BACK_READS)
+                .where(_users.c.id.in_([claimed.snapshot.id for claimed, _, _ in items]))
                 # One lock order for every writer, so two write-backs never deadlock.
-                .order_by(User.id)
+                .order_by(_users.c.id)
                 .with_for_update()
             )
-            users = {user.id: user for user in rows}
+            users = {row.id: _UserState(row) for row in found}
             events: list[dict[str, Any]] = []
             failed: list[dict[str, Any]] = []
             for claimed, outcome, retry_at in items:
@@ -333,9 +352,10 @@ class OutboundRepository:
                 if sync_state.is_failed_for_good(user):
                     # A user that failed for good takes its waiting events with it.
                     failed.append({"b_user_id": user.id, "b_reason": user.last_error})
-            # Core statements on the table, executed for many rows: no UserEvent is loaded in
-            # this session, so the ORM has nothing to synchronise. Event results go first, so
-            # the failed users' rule only reaches events this pass did not settle.
+            for statement, parameters in _user_updates(users.values(), now):
+                await session.execute(statement, parameters)
+            # Event results go first, so the failed users' rule only reaches events this pass
+            # did not settle.
             if events:
                 await session.execute(_EVENT_RESULT, events)
             if failed:
@@ -343,7 +363,7 @@ class OutboundRepository:
 
     def _write_user(
         self,
-        user: User,
+        user: _UserState,
         claimed: ClaimedUser,
         outcome: UserOutcome,
         retry_at: datetime | None,
@@ -432,21 +452,57 @@ class OutboundRepository:
             )
 
 
-def _snapshot(user: User, events: list[PlatformEvent]) -> UserSnapshot:
+class _UserState:
+    """A user's sync state as the write-back reads it (:data:`_WRITE_BACK_READS`) and changes
+    it: a plain object that records every assignment, so that one ``UPDATE`` for many users
+    writes what changed and nothing else. Reading a column that was not read raises."""
+
+    def __init__(self, row: Row[Any]):
+        object.__setattr__(self, "changes", {})
+        for name, value in row._mapping.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.changes[name] = value
+        object.__setattr__(self, name, value)
+
+
+def _user_updates(
+    users: Iterable[_UserState], now: datetime
+) -> list[tuple[Any, list[dict[str, Any]]]]:
+    """The ``UPDATE`` statements that store ``users``' changes, each executed for many rows:
+    one per set of columns changed (a pass's users share a handful)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for user in users:
+        if user.changes:
+            parameters = {f"b_{name}": value for name, value in user.changes.items()}
+            groups[tuple(sorted(user.changes))].append({"b_id": user.id, **parameters})
+    return [
+        (
+            update(_users)
+            .where(_users.c.id == bindparam("b_id"))
+            .values({**{name: bindparam(f"b_{name}") for name in columns}, "updated_at": now}),
+            parameters,
+        )
+        for columns, parameters in groups.items()
+    ]
+
+
+def _snapshot(row: Row[Any], events: Sequence[PlatformEvent]) -> UserSnapshot:
     return UserSnapshot(
-        id=user.id,
-        external_id=user.external_id,
-        email=user.email,
-        anonymous_ids=tuple(user.anonymous_ids or ()),
-        attributes=user.attributes or {},
-        account=user.account or {},
-        segments=tuple(user.segments or ()),
-        via_batch=user.via_batch,
-        full=user.full_sync,
-        sent_attributes=user.sent_attributes or {},
-        cio_id=user.cio_id,
-        cio_created_at=user.cio_created_at,
-        cio_deleted_at=user.cio_deleted_at,
+        id=row.id,
+        external_id=row.external_id,
+        email=row.email,
+        anonymous_ids=tuple(row.anonymous_ids or ()),
+        attributes=row.attributes or {},
+        account=row.account or {},
+        segments=tuple(row.segments or ()),
+        via_batch=row.via_batch,
+        full=row.full_sync,
+        sent_attributes=row.sent_attributes or {},
+        cio_id=row.cio_id,
+        cio_created_at=row.cio_created_at,
+        cio_deleted_at=row.cio_deleted_at,
         events=tuple(events),
-        deletion_confirmed=sync_state.is_deletion_confirmed(user),
+        deletion_confirmed=sync_state.is_deletion_confirmed(row),
     )

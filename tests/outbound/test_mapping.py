@@ -1,4 +1,5 @@
 import hashlib
+import json
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
@@ -161,6 +162,10 @@ def test_attribute_value_converts_dates_only_for_date_names(
         ("ü" * 76, 1, "name is 152 bytes, over Customer.io's 150-byte limit"),
         ("score", 10**999, None),
         ("score", 10**1000, "value is 1001 bytes, over Customer.io's 1000-byte limit"),
+        ("score", -(10**998), None),
+        ("score", -(10**999), "value is 1001 bytes, over Customer.io's 1000-byte limit"),
+        ("ratio", -1.5e-300, None),
+        ("flag", False, None),
         ("flag", True, None),
         ("nothing", None, None),
         ("plan", "\ud800", f"value {mapping.NOT_UTF8}"),
@@ -186,10 +191,25 @@ def test_attribute_error_applies_utf8_byte_limits(
         (None, 4),
         ([1, 2], 5),
         ({"a": "é"}, 10),
+        (False, 5),
+        (-120, 4),
+        (0.1, 3),
+        (1e20, 5),
+        (float("inf"), 8),
+        (2**70, 22),
     ],
 )
 def test_byte_size_measures_utf8_and_compact_json(value: Any, expected: int) -> None:
     assert mapping.byte_size(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "plain", "é€", 0, -7, 2**63, True, False, None, 0.0, -0.0, 1.5e-7, 1e300, float("nan")],
+)
+def test_byte_size_of_a_scalar_is_its_json_text(value: Any) -> None:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    assert mapping.byte_size(value) == len(text.encode("utf-8"))
 
 
 @pytest.mark.parametrize(
@@ -343,6 +363,13 @@ def test_build_attributes_keeps_more_than_300_attributes() -> None:
         ({"tags": ["a", "b"]}, {"tags": ["b", "a"]}, {"tags": ["a", "b"]}),
         ({"o": {"x": 1, "y": 2}}, {"o": {"y": 2, "x": 1}}, {}),
         ({"a": None}, {"a": "x"}, {"a": None}),
+        ({"a": None}, {"a": None}, {}),
+        ({"flag": False}, {"flag": 0}, {"flag": False}),
+        ({"n": 1.0}, {"n": 1}, {"n": 1.0}),
+        ({"n": 0.0}, {"n": -0.0}, {"n": 0.0}),
+        ({"n": 2.5}, {"n": 2.5}, {}),
+        ({"s": "é"}, {"s": "é"}, {}),
+        ({"s": "1"}, {"s": 1}, {"s": "1"}),
     ],
 )
 def test_changed_attributes_keeps_new_and_different_values(

@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from connector.db.models import User, UserEvent
 from connector.db.types import utcnow
@@ -287,3 +287,220 @@ async def test_writeback_error_fails_the_pass(make_config, fake_cio, monkeypatch
         with pytest.raises(RuntimeError, match="database gone"):
             await asyncio.wait_for(runtime.sync.run_once("test"), 30)
         assert not runtime.sync.running
+
+
+RETRY_AT = utcnow() + timedelta(minutes=10)
+SENT_BEFORE = {"email": "old@example.com", "plan": "free"}
+
+# One write-back group holding every kind of outcome: (user, state before the claim, outcome,
+# retry_at, columns expected after it, its events' (status, reason) after it). Every user has
+# the events e1 and e2 and was last sent SENT_BEFORE, with attribute errors {"x": "before"}.
+GROUP_CASES: list[tuple[str, dict[str, Any], UserOutcome, Any, dict[str, Any], list[Any]]] = [
+    (
+        "synced",
+        {},
+        UserOutcome(
+            status="synced",
+            customer_id="ext-synced",
+            identified=True,
+            sent_attributes={"plan": "pro"},
+            full_hash="hash-synced",
+            event_results={"e1": ("sent", None), "e2": ("skipped", "not in events_filter")},
+        ),
+        None,
+        {
+            "sync_status": "synced",
+            "pending": False,
+            "attempts": 0,
+            "cio_id": "ext-synced",
+            "cio_hash": "hash-synced",
+            "sent_attributes": {"email": "old@example.com", "plan": "pro"},
+            "attribute_errors": {},
+            "last_error": None,
+        },
+        [("sent", None), ("skipped", "not in events_filter")],
+    ),
+    (
+        "changed",
+        {},
+        UserOutcome(
+            status="synced",
+            customer_id="ext-changed",
+            identified=True,
+            sent_attributes={"plan": "pro"},
+            event_results={"e1": ("sent", None), "e2": ("sent", None)},
+        ),
+        None,
+        {"sync_status": "synced", "pending": True, "cio_id": "ext-changed"},
+        [("sent", None), ("sent", None), ("pending", None)],
+    ),
+    (
+        "retry",
+        {"attempts": 1},
+        UserOutcome(status="retry", customer_id="ext-retry", reason="HTTP 503", attempts=2),
+        RETRY_AT,
+        {
+            "sync_status": "retrying",
+            "pending": True,
+            "attempts": 2,
+            "last_error": "HTTP 503",
+            "next_attempt_at": RETRY_AT,
+            "sent_attributes": SENT_BEFORE,
+        },
+        [("pending", None), ("pending", None)],
+    ),
+    (
+        "gave-up",
+        {},
+        UserOutcome(status="retry", reason="gave up after 3 attempts: HTTP 500", attempts=3),
+        None,
+        {"sync_status": "failed", "pending": False, "attempts": 3},
+        [("failed", "gave up after 3 attempts: HTTP 500")] * 2,
+    ),
+    (
+        "failed",
+        {},
+        UserOutcome(
+            status="failed",
+            reason="identify failed: HTTP 400",
+            attribute_errors={"y": "too long"},
+            event_results={"e1": ("failed", "HTTP 400: bad")},
+        ),
+        None,
+        {
+            "sync_status": "failed",
+            "pending": False,
+            "last_error": "identify failed: HTTP 400",
+            "attribute_errors": {"y": "too long"},
+        },
+        [("failed", "HTTP 400: bad"), ("failed", "identify failed: HTTP 400")],
+    ),
+    (
+        "deleted",
+        {"cio_id": "ext-deleted"},
+        UserOutcome(
+            status="deleted",
+            customer_id="ext-deleted",
+            deleted=True,
+            event_results={
+                "e1": ("skipped", "user deleted from Customer.io"),
+                "e2": ("skipped", "user deleted from Customer.io"),
+            },
+        ),
+        None,
+        {
+            "sync_status": "deleted",
+            "pending": False,
+            "sent_attributes": {},
+            "cio_hash": None,
+            "cio_id": "ext-deleted",
+        },
+        [("skipped", "user deleted from Customer.io")] * 2,
+    ),
+    (
+        "held",
+        {},
+        UserOutcome(status="held", customer_id="ext-held", reason="deletion held: 7 planned"),
+        None,
+        {
+            "sync_status": "held",
+            "pending": False,
+            "skip_reason": "deletion held: 7 planned",
+            "sent_attributes": SENT_BEFORE,
+            "cio_deleted_at": None,
+        },
+        [("pending", None), ("pending", None)],
+    ),
+    (
+        "released",
+        {"attempts": 4},
+        UserOutcome(status="released", customer_id="ext-released"),
+        None,
+        {
+            "sync_status": "pending",
+            "pending": True,
+            "attempts": 4,
+            "attribute_errors": {"x": "before"},
+            "sent_attributes": SENT_BEFORE,
+        },
+        [("pending", None), ("pending", None)],
+    ),
+    (
+        "full-cut-short",
+        {"full_sync": True},
+        UserOutcome(
+            status="retry",
+            customer_id="ext-full-cut-short",
+            identified=True,
+            sent_attributes={"email": "new@example.com"},
+            progressed=True,
+            reason="HTTP 429",
+            throttled=True,
+        ),
+        RETRY_AT,
+        {
+            "sync_status": "retrying",
+            "pending": True,
+            "full_sync": False,
+            "sent_attributes": {"email": "new@example.com"},
+            "cio_id": "ext-full-cut-short",
+        },
+        [("pending", None), ("pending", None)],
+    ),
+    (
+        "confirmed-retry",
+        {"sync_status": "confirmed"},
+        UserOutcome(status="retry", customer_id="ext-confirmed-retry", reason="HTTP 502"),
+        RETRY_AT,
+        {"sync_status": "confirmed", "pending": True, "last_error": "HTTP 502"},
+        [("pending", None), ("pending", None)],
+    ),
+    (
+        "anonymous",
+        {"external_id": None},
+        UserOutcome(status="anonymous", event_results={"e1": ("sent", None), "e2": ("sent", None)}),
+        None,
+        {"sync_status": "anonymous", "pending": False, "cio_id": None},
+        [("sent", None), ("sent", None)],
+    ),
+]
+
+
+async def test_writeback_group_of_every_outcome_writes_each_its_own(make_config, fake_cio):
+    async with open_runtime(make_config()) as runtime:
+        repository = runtime.sync.repository
+        await store(
+            runtime,
+            *(
+                message(uid, external_id=f"ext-{uid}", events=[event("e1", "A"), event("e2", "B")])
+                for uid, *_ in GROUP_CASES
+            ),
+        )
+        async with runtime.sessionmaker() as session, session.begin():
+            for uid, before, *_ in GROUP_CASES:
+                values = {"sent_attributes": SENT_BEFORE, "attribute_errors": {"x": "before"}}
+                await session.execute(update(User).where(User.id == uid).values(**values, **before))
+        claimed = {c.snapshot.id: c for c in await repository.claim(100)}
+        assert claimed["full-cut-short"].snapshot.full
+        assert claimed["confirmed-retry"].snapshot.deletion_confirmed
+        await store(
+            runtime, message("changed", external_id="ext-changed", events=[event("e3", "C")])
+        )
+        await repository.finish_many(
+            [(claimed[uid], outcome, retry_at) for uid, _, outcome, retry_at, *_ in GROUP_CASES]
+        )
+        users = await users_by_id(runtime)
+        events = await events_by_id(runtime)
+
+    for uid, _, _, _, expected, expected_events in GROUP_CASES:
+        user = users[uid]
+        assert {column: getattr(user, column) for column in expected} == expected, uid
+        assert (user.claimed_by, user.claimed_until) == (None, None), uid
+        found = sorted(
+            (key[1], row.status, row.reason) for key, row in events.items() if key[0] == uid
+        )
+        assert [(status, reason) for _, status, reason in found] == expected_events, uid
+    for uid in ("synced", "changed", "full-cut-short"):
+        assert users[uid].cio_synced_at is not None and users[uid].cio_created_at is not None
+    assert users["deleted"].cio_deleted_at is not None
+    assert users["released"].cio_synced_at is None
