@@ -435,7 +435,7 @@ async def test_cli_import_treats_lines_like_batch_and_ignores_segments(
 
 @BOTH_TRANSPORTS
 async def test_cli_sync_dry_run_prints_the_plan_and_sends_nothing(
-    settings_file, tmp_path, fake_cio
+    settings_file, tmp_path, fake_cio, transport
 ):
     settings = settings_file()
     await import_good_users(settings, tmp_path)
@@ -450,7 +450,12 @@ async def test_cli_sync_dry_run_prints_the_plan_and_sends_nothing(
     assert "event 'Signed Up' for ext-2" in out
     assert '    data.plan = "free"' in out
     assert "3 pending users: 3 identify, 1 event, 0 delete, 0 skip" in out
-    assert "0 deletions would be held; nothing was sent" in out
+    # 3 identify calls and 1 event: one batch request, or one v1 call each.
+    requests = {"batch": 1, "single": 4}[transport]
+    assert (
+        f"0 deletions would be held; {requests} Track API requests ({transport} transport); "
+        "nothing was sent"
+    ) in out
     assert fake_cio.api_key not in out
     assert fake_cio.requests == []
     assert all(user.pending for user in (await stored_users(settings)).values())
