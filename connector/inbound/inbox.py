@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,6 +24,9 @@ from connector.rules.failures import is_transient
 
 _TABLE = WebhookDelivery.__table__
 
+# The receiver counts as busy for this long after a webhook arrived: at 1,000 webhooks/s and
+# more, it is busy all the time, and processing gives way (see InboundProcessor.give_way_to).
+RECEIVING_SECONDS = 0.05
 # One INSERT carries at most this many rows (SQLite's variable limit allows ~32,000 / 5 columns).
 MAX_GROUP = 500
 
@@ -43,11 +47,17 @@ class InboxWriter:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._writing = False
+        self._last_arrival = float("-inf")
 
     @property
     def busy(self) -> bool:
-        """Whether webhooks are waiting for (or being written by) a commit."""
-        return self._writing or not self._queue.empty()
+        """Whether webhooks are waiting for (or being written by) a commit, or one arrived in
+        the last :data:`RECEIVING_SECONDS`."""
+        return (
+            self._writing
+            or not self._queue.empty()
+            or time.monotonic() - self._last_arrival < RECEIVING_SECONDS
+        )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="inbox-writer")
@@ -61,10 +71,12 @@ class InboxWriter:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        self._task = None
 
     async def store(self, event_id: str, body: str, headers: dict[str, str]) -> bool:
         """Commit one delivery; False when that event id was stored before (a duplicate)."""
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._last_arrival = time.monotonic()
         self._queue.put_nowait(_Pending(event_id, body, headers, utcnow(), done))
         return await done
 
