@@ -9,8 +9,10 @@ then one transaction resolves the users of the whole batch (see
 :mod:`connector.users.identity`), inserts its tracked events and outbox messages with one
 statement each and marks the deliveries done with at most two. The receiver goes first: while
 webhooks are arriving, each batch is followed by a pause of :data:`GIVE_WAY_FACTOR` times what
-the batch took, so processing gets at most a fixed share of the process during a burst (it
-falls behind, by a bounded rate) and runs flat out once the burst is over.
+the batch took, so processing gets at most a fifth of the process during a burst and runs flat
+out once the burst is over. Once the backlog is older than :data:`LAG_BUDGET_SECONDS`, the
+pause shrinks to :data:`BEHIND_GIVE_WAY_FACTOR` times (half the process), so that a long burst
+cannot leave processing behind for long.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ GATHER_SECONDS = 0.1
 # GIVE_WAY_FACTOR * t: processing takes at most 1/(1 + factor) of the event loop (a fifth)
 # during a burst, which at 1,000 webhooks/s is still more than it needs to keep up.
 GIVE_WAY_FACTOR = 4.0
+# When the batch's oldest webhook arrived longer ago than this, processing is falling behind:
+# it takes half the loop (pauses of t) until it has caught up.
+LAG_BUDGET_SECONDS = 1.0
+BEHIND_GIVE_WAY_FACTOR = 1.0
 # The longest pause, so that one slow batch (a database hiccup) cannot stall processing.
 MAX_GIVE_WAY_SECONDS = 0.5
 
@@ -158,27 +164,31 @@ class InboundProcessor:
         summary = ProcessSummary()
         loop = asyncio.get_running_loop()
         async with self._lock:
-            spent = 0.0
+            spent, behind = 0.0, False
             while True:
-                await self._give_way(spent)
+                await self._give_way(spent, behind)
                 started = loop.time()
                 claimed = await self._claim()
                 if claimed:
                     await self._process(claimed, summary)
+                    oldest = utcnow() - claimed[0].received_at
+                    behind = oldest.total_seconds() > LAG_BUDGET_SECONDS
                 spent = loop.time() - started
                 if len(claimed) < BATCH_SIZE:
                     # Nothing more was waiting; what arrives from now on wakes the worker.
                     return summary
 
-    async def _give_way(self, spent: float) -> None:
+    async def _give_way(self, spent: float, behind: bool) -> None:
         """Let the event loop serve requests; while the receiver is busy, pause
-        :data:`GIVE_WAY_FACTOR` times ``spent`` (the last batch's time), at most
+        :data:`GIVE_WAY_FACTOR` times ``spent`` (the last batch's time), or
+        :data:`BEHIND_GIVE_WAY_FACTOR` times when processing is ``behind``, at most
         :data:`MAX_GIVE_WAY_SECONDS`."""
         busy = self._receiver_busy
         if busy is None or not busy():
             await asyncio.sleep(0)
             return
-        await asyncio.sleep(min(spent * GIVE_WAY_FACTOR, MAX_GIVE_WAY_SECONDS))
+        factor = BEHIND_GIVE_WAY_FACTOR if behind else GIVE_WAY_FACTOR
+        await asyncio.sleep(min(spent * factor, MAX_GIVE_WAY_SECONDS))
 
     async def _claim(self) -> list[_Delivery]:
         now = utcnow()
