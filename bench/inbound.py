@@ -218,7 +218,7 @@ def start_service(workdir: Path, database_url: str, label: str, workers: int = 1
     log_file = workdir / f"{label}.log"
     with log_file.open("wb") as log:
         process = subprocess.Popen(
-            [*connector, "serve", "--workers", str(workers)],
+            [*connector, "serve", *(["--workers", str(workers)] if workers > 1 else [])],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,

@@ -87,7 +87,7 @@ class Runtime:
         ``scheduled_jobs`` is off (the other workers of ``serve --workers N``), the
         scheduler."""
         self.inbox.start()
-        self.processor.give_way_to(lambda: self.inbox.busy)
+        self.processor.give_way_to(lambda: self.inbox.load)
         self.processor.start()
         self.processor.wake()
         if scheduled_jobs:

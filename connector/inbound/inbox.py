@@ -24,9 +24,11 @@ from connector.rules.failures import is_transient
 
 _TABLE = WebhookDelivery.__table__
 
-# The receiver counts as busy for this long after a webhook arrived: at 1,000 webhooks/s and
-# more, it is busy all the time, and processing gives way (see InboundProcessor.give_way_to).
+# The receiver counts as working for this long after a webhook arrived (processing gives way
+# meanwhile, see InboundProcessor.give_way_to).
 RECEIVING_SECONDS = 0.05
+# Weight of the newest group in the running average of group sizes.
+GROUP_SIZE_WEIGHT = 0.2
 # Groups committed side by side on PostgreSQL: while one waits for its WAL flush, the next is
 # on its way. Each holds one of the engine's pooled connections (10 + 10 overflow) while the
 # service runs.
@@ -51,22 +53,24 @@ class InboxWriter:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._last_arrival = float("-inf")
+        self._group_size = 1.0
         # SQLite has one writer at a time whatever we do; PostgreSQL commits groups side by
         # side (and flushes its WAL for several at once), each on a connection of its own.
         sqlite = self._engine is not None and self._engine.dialect.name == "sqlite"
-        self._slots = asyncio.Semaphore(1 if sqlite else POSTGRESQL_GROUPS_IN_FLIGHT)
+        self._parallel = 1 if sqlite else POSTGRESQL_GROUPS_IN_FLIGHT
+        self._slots = asyncio.Semaphore(self._parallel)
+        self._writing = False
         self._in_flight: set[asyncio.Task] = set()
         self._connections: list[AsyncConnection] = []
 
     @property
-    def busy(self) -> bool:
-        """Whether webhooks are waiting for (or being written by) a commit, or one arrived in
-        the last :data:`RECEIVING_SECONDS`."""
-        return (
-            bool(self._in_flight)
-            or not self._queue.empty()
-            or time.monotonic() - self._last_arrival < RECEIVING_SECONDS
-        )
+    def load(self) -> float:
+        """How hard the receiver is working: 0 when no webhook arrived in the last
+        :data:`RECEIVING_SECONDS`; else the recent average of webhooks a commit (about 1 while
+        each commits alone; more when they queue behind commits: the receiver is saturated)."""
+        if time.monotonic() - self._last_arrival >= RECEIVING_SECONDS:
+            return 0.0
+        return max(self._group_size, 1.0)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="inbox-writer")
@@ -75,7 +79,7 @@ class InboxWriter:
         """Write what is queued, then stop."""
         if self._task is None:
             return
-        while not self._queue.empty() or self._in_flight:
+        while not self._queue.empty() or self._in_flight or self._writing:
             await asyncio.sleep(0.01)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -98,7 +102,18 @@ class InboxWriter:
             group = [await self._queue.get()]
             while not self._queue.empty() and len(group) < MAX_GROUP:
                 group.append(self._queue.get_nowait())
-            task = asyncio.create_task(self._commit_in_slot(group), name="inbox-commit")
+            self._group_size += GROUP_SIZE_WEIGHT * (len(group) - self._group_size)
+            commit = self._commit_in_slot(group)
+            if self._parallel == 1:
+                # Awaited here: a task of its own would cost a turn of the event loop at each
+                # end, which under load is most of a group's wait.
+                self._writing = True
+                try:
+                    await commit
+                finally:
+                    self._writing = False
+                continue
+            task = asyncio.create_task(commit, name="inbox-commit")
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 

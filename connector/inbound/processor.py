@@ -7,12 +7,13 @@ webhook is stored; the scheduler's sweep picks up anything left behind (e.g. aft
 A claimed batch is processed set-based: every delivery is parsed and mapped first (no I/O),
 then one transaction resolves the users of the whole batch (see
 :mod:`connector.users.identity`), inserts its tracked events and outbox messages with one
-statement each and marks the deliveries done with at most two. The receiver goes first: while
-webhooks are arriving, each batch is followed by a pause of :data:`GIVE_WAY_FACTOR` times what
-the batch took, so processing gets at most a fifth of the process during a burst and runs flat
-out once the burst is over. Once the backlog is older than :data:`LAG_BUDGET_SECONDS`, the
-pause shrinks to :data:`BEHIND_GIVE_WAY_FACTOR` times (half the process), so that a long burst
-cannot leave processing behind for long.
+statement each and marks the deliveries done with at most two. The receiver goes first: each
+batch is followed by a pause in proportion to what the batch took, by how hard the receiver is
+working (:meth:`InboundProcessor.give_way_to`): none when no webhook is arriving, as long as the
+batch while they arrive at a rate the receiver takes in its stride (so processing keeps up, at
+1,000 webhooks/s among others), nine times as long while webhooks queue up for the inbox's
+commits (a burst at full speed: processing gets a tenth of the process, falls behind, and
+catches up once the burst is over).
 """
 
 from __future__ import annotations
@@ -55,14 +56,12 @@ BATCH_SIZE = 100
 # A wake-up waits this long before processing, so that one batch takes what arrives meanwhile
 # (each batch costs a few round trips to the database whatever its size).
 GATHER_SECONDS = 0.1
-# While webhooks are arriving, a batch that took t seconds is followed by a pause of
-# GIVE_WAY_FACTOR * t: processing takes at most 1/(1 + factor) of the event loop (a fifth)
-# during a burst, which at 1,000 webhooks/s is still more than it needs to keep up.
-GIVE_WAY_FACTOR = 4.0
-# When the batch's oldest webhook arrived longer ago than this, processing is falling behind:
-# it takes half the loop (pauses of t) until it has caught up.
-LAG_BUDGET_SECONDS = 1.0
-BEHIND_GIVE_WAY_FACTOR = 1.0
+# A batch that took t seconds is followed by a pause of factor * t, so processing takes at most
+# 1/(1 + factor) of the event loop: half while webhooks arrive, a tenth while the receiver is
+# saturated (webhooks queue for the inbox's commits: SATURATED_GROUP_SIZE or more a commit).
+GIVE_WAY_FACTOR = 1.0
+SATURATED_GIVE_WAY_FACTOR = 9.0
+SATURATED_GROUP_SIZE = 4.0
 # The longest pause, so that one slow batch (a database hiccup) cannot stall processing.
 MAX_GIVE_WAY_SECONDS = 0.5
 
@@ -129,12 +128,12 @@ class InboundProcessor:
         self._wakeup = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
-        self._receiver_busy: Callable[[], bool] | None = None
+        self._receiver_load: Callable[[], float] | None = None
 
-    def give_way_to(self, busy: Callable[[], bool]) -> None:
-        """Pause after each batch while ``busy()`` (webhooks are arriving): the receiver goes
-        first."""
-        self._receiver_busy = busy
+    def give_way_to(self, load: Callable[[], float]) -> None:
+        """Pause after each batch as ``load()`` says the receiver is working: 0 when idle, else
+        the webhooks it commits at a time (:attr:`connector.inbound.inbox.InboxWriter.load`)."""
+        self._receiver_load = load
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -164,30 +163,28 @@ class InboundProcessor:
         summary = ProcessSummary()
         loop = asyncio.get_running_loop()
         async with self._lock:
-            spent, behind = 0.0, False
+            spent = 0.0
             while True:
-                await self._give_way(spent, behind)
+                await self._give_way(spent)
                 started = loop.time()
                 claimed = await self._claim()
                 if claimed:
                     await self._process(claimed, summary)
-                    oldest = utcnow() - claimed[0].received_at
-                    behind = oldest.total_seconds() > LAG_BUDGET_SECONDS
                 spent = loop.time() - started
                 if len(claimed) < BATCH_SIZE:
                     # Nothing more was waiting; what arrives from now on wakes the worker.
                     return summary
 
-    async def _give_way(self, spent: float, behind: bool) -> None:
-        """Let the event loop serve requests; while the receiver is busy, pause
+    async def _give_way(self, spent: float) -> None:
+        """Let the event loop serve requests; while the receiver is working, pause
         :data:`GIVE_WAY_FACTOR` times ``spent`` (the last batch's time), or
-        :data:`BEHIND_GIVE_WAY_FACTOR` times when processing is ``behind``, at most
+        :data:`SATURATED_GIVE_WAY_FACTOR` times while it is saturated, at most
         :data:`MAX_GIVE_WAY_SECONDS`."""
-        busy = self._receiver_busy
-        if busy is None or not busy():
+        load = self._receiver_load() if self._receiver_load is not None else 0.0
+        if not load:
             await asyncio.sleep(0)
             return
-        factor = BEHIND_GIVE_WAY_FACTOR if behind else GIVE_WAY_FACTOR
+        factor = SATURATED_GIVE_WAY_FACTOR if load >= SATURATED_GROUP_SIZE else GIVE_WAY_FACTOR
         await asyncio.sleep(min(spent * factor, MAX_GIVE_WAY_SECONDS))
 
     async def _claim(self) -> list[_Delivery]:
