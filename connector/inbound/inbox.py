@@ -48,7 +48,6 @@ class _Pending:
 
 class InboxWriter:
     def __init__(self, sessionmaker: async_sessionmaker):
-        self._sessionmaker = sessionmaker
         self._engine: AsyncEngine | None = sessionmaker.kw.get("bind")
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task | None = None
