@@ -13,7 +13,9 @@ working (:meth:`InboundProcessor.give_way_to`): none when no webhook is arriving
 batch while they arrive at a rate the receiver takes in its stride (so processing keeps up, at
 1,000 webhooks/s among others), nine times as long while webhooks queue up for the inbox's
 commits (a burst at full speed: processing gets a tenth of the process, falls behind, and
-catches up once the burst is over).
+catches up once the burst is over), but only twice as long once the batch's oldest webhook is
+more than :data:`LAG_BUDGET_SECONDS` old, so that a long burst (or a slow machine, on which
+commits queue up at lower rates too) cannot leave processing behind for long.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ GATHER_SECONDS = 0.1
 GIVE_WAY_FACTOR = 1.0
 SATURATED_GIVE_WAY_FACTOR = 9.0
 SATURATED_GROUP_SIZE = 4.0
+# A batch whose oldest webhook arrived longer ago than this is behind: while saturated,
+# processing then takes a third of the loop (BEHIND_GIVE_WAY_FACTOR) until it has caught up.
+LAG_BUDGET_SECONDS = 1.0
+BEHIND_GIVE_WAY_FACTOR = 2.0
 # The longest pause, so that one slow batch (a database hiccup) cannot stall processing.
 MAX_GIVE_WAY_SECONDS = 0.5
 
@@ -163,28 +169,32 @@ class InboundProcessor:
         summary = ProcessSummary()
         loop = asyncio.get_running_loop()
         async with self._lock:
-            spent = 0.0
+            spent, behind = 0.0, False
             while True:
-                await self._give_way(spent)
+                await self._give_way(spent, behind)
                 started = loop.time()
                 claimed = await self._claim()
                 if claimed:
                     await self._process(claimed, summary)
+                    oldest = utcnow() - claimed[0].received_at
+                    behind = oldest.total_seconds() > LAG_BUDGET_SECONDS
                 spent = loop.time() - started
                 if len(claimed) < BATCH_SIZE:
                     # Nothing more was waiting; what arrives from now on wakes the worker.
                     return summary
 
-    async def _give_way(self, spent: float) -> None:
+    async def _give_way(self, spent: float, behind: bool) -> None:
         """Let the event loop serve requests; while the receiver is working, pause
-        :data:`GIVE_WAY_FACTOR` times ``spent`` (the last batch's time), or
-        :data:`SATURATED_GIVE_WAY_FACTOR` times while it is saturated, at most
-        :data:`MAX_GIVE_WAY_SECONDS`."""
+        :data:`GIVE_WAY_FACTOR` times ``spent`` (the last batch's time), or while it is
+        saturated :data:`SATURATED_GIVE_WAY_FACTOR` times (:data:`BEHIND_GIVE_WAY_FACTOR` when
+        processing is ``behind``), at most :data:`MAX_GIVE_WAY_SECONDS`."""
         load = self._receiver_load() if self._receiver_load is not None else 0.0
         if not load:
             await asyncio.sleep(0)
             return
-        factor = SATURATED_GIVE_WAY_FACTOR if load >= SATURATED_GROUP_SIZE else GIVE_WAY_FACTOR
+        factor = GIVE_WAY_FACTOR
+        if load >= SATURATED_GROUP_SIZE:
+            factor = BEHIND_GIVE_WAY_FACTOR if behind else SATURATED_GIVE_WAY_FACTOR
         await asyncio.sleep(min(spent * factor, MAX_GIVE_WAY_SECONDS))
 
     async def _claim(self) -> list[_Delivery]:
