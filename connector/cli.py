@@ -9,9 +9,10 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,10 @@ from connector.settings.secrets import new_token
 EXIT_CONFIG = 2
 EXIT_CREDENTIALS = 3
 EXIT_LISTEN = 1
+# More receiving processes than cores only adds contention; this bounds a typo.
+MAX_WORKERS = 64
+# How often a worker checks that its supervisor is still there.
+PARENT_POLL_SECONDS = 1.0
 IMPORT_BATCH = 500
 # Shipped in the package (the checkout's top-level settings.example.toml links to it), so that
 # `connector init` works from a wheel too.
@@ -116,11 +121,11 @@ async def _freeze_startup_objects(_app: web.Application) -> None:
     gc.freeze()
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """The server's listening socket, or exit with one line saying why it cannot be had."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family)
+        return socket.create_server((host, port), family=family, reuse_port=reuse_port)
     except OSError as exc:
         # create_server's message repeats the address; the errno's text alone does not (a
         # negative errno is the resolver's, with no text of its own).
@@ -134,26 +139,130 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 @main.command()
+@click.option(
+    "--workers",
+    type=click.IntRange(1, MAX_WORKERS),
+    default=1,
+    show_default=True,
+    help="Processes receiving on the one port (SO_REUSEPORT); the first also runs the "
+    "scheduled jobs.",
+)
 @click.pass_context
-def serve(ctx: click.Context) -> None:
+def serve(ctx: click.Context, workers: int) -> None:
     """Run the service: HTTP API, webhook receiver and scheduled sync."""
-    from connector.web.app import create_app
-
     config = _load(ctx)
-    # Bound before anything starts, so that a port in use runs no migration and no sync.
-    sock = _listen(config.server.host, config.server.port)
+    if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        click.echo("error: --workers needs SO_REUSEPORT, which this system lacks", err=True)
+        sys.exit(EXIT_CONFIG)
+    # Bound before anything starts, so that a port in use runs no migration and no sync. Each
+    # worker has a socket of its own on the port: the kernel spreads connections over them.
+    sockets = [
+        _listen(config.server.host, config.server.port, reuse_port=workers > 1)
+        for _ in range(workers)
+    ]
     setup_logging()
     url = f"http://{config.server.host}:{config.server.port}"
     click.echo(f"Connector listening on {url} (status: {url}/status, admin API: {url}/api/)")
     click.echo(f"Settings page: {url}/admin (user 'admin', password security.admin_password)")
-    app = create_app(config)
+    if workers == 1:
+        sys.exit(_serve_worker(config, sockets[0], scheduled_jobs=True))
+    # What a first start writes (migration, settings, secrets, the webhook token) is written
+    # once, here, rather than raced for by the workers.
+    _run(_prepare(config))
+    sys.exit(_supervise(config, sockets))
+
+
+async def _prepare(config: Config) -> None:
+    async with open_runtime(config):
+        pass
+
+
+def _serve_worker(
+    config: Config, sock: socket.socket, *, scheduled_jobs: bool, parent: int | None = None
+) -> int:
+    """Serve on ``sock`` until told to stop; the exit code."""
+    from connector.web.app import create_app
+
+    app = create_app(config, scheduled_jobs=scheduled_jobs)
     app.on_startup.append(_freeze_startup_objects)
+    if parent is not None:
+        app.cleanup_ctx.append(_stop_with_parent(parent))
     try:
         access_log = logging.getLogger(ACCESS_LOGGER) if config.server.access_log else None
         web.run_app(app, sock=sock, print=None, access_log=access_log)
     except DatabaseNotMigrated as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+def _stop_with_parent(parent: int):
+    """A worker whose supervisor has gone (killed with SIGKILL) shuts down as if told to."""
+
+    async def watch(_app: web.Application) -> AsyncIterator[None]:
+        async def poll() -> None:
+            while os.getppid() == parent:
+                await asyncio.sleep(PARENT_POLL_SECONDS)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        task = asyncio.create_task(poll(), name="watch-supervisor")
+        yield
+        task.cancel()
+
+    return watch
+
+
+def _supervise(config: Config, sockets: list[socket.socket]) -> int:
+    """Fork a worker per socket (the first runs the scheduled jobs), pass SIGTERM and SIGINT
+    on to them, and wait; when one fails, stop the others. The exit code."""
+    parent = os.getpid()
+    children: dict[int, int] = {}
+    for index, sock in enumerate(sockets):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                # Its own process group: a Ctrl-C in the terminal reaches the supervisor only,
+                # which stops each worker once.
+                os.setpgid(0, 0)
+                for other in sockets:
+                    if other is not sock:
+                        other.close()
+                code = _serve_worker(config, sock, scheduled_jobs=index == 0, parent=parent)
+            except BaseException:
+                logging.getLogger("connector").exception("worker failed", extra={"worker": index})
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = index
+    for sock in sockets:
+        sock.close()
+
+    stopping = False
+
+    def stop(_signum: int = signal.SIGTERM, _frame: Any = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid)
+        exit_code = os.waitstatus_to_exitcode(status)
+        if exit_code != 0 and not stopping:
+            click.echo(f"error: worker {index} exited with {exit_code}; stopping", err=True)
+            code = 1
+            stop()
+    return code
 
 
 @main.command()

@@ -81,14 +81,17 @@ class Runtime:
             await self.engine.dispose()
 
     @asynccontextmanager
-    async def serving(self) -> AsyncIterator[None]:
+    async def serving(self, *, scheduled_jobs: bool = True) -> AsyncIterator[None]:
         """The background work of an instance that receives: the inbox's group commits, the
-        processor (woken at once for deliveries stored before a restart) and the scheduler."""
+        processor (woken at once for deliveries stored before a restart) and, unless
+        ``scheduled_jobs`` is off (the other workers of ``serve --workers N``), the
+        scheduler."""
         self.inbox.start()
-        self.processor.give_way_to(lambda: self.inbox.busy)
+        self.processor.give_way_to(lambda: self.inbox.load)
         self.processor.start()
         self.processor.wake()
-        self.scheduler.start()
+        if scheduled_jobs:
+            self.scheduler.start()
         try:
             yield
         finally:

@@ -58,6 +58,7 @@ class Scheduler:
         self._job: asyncio.Task | None = None
         self._manual: asyncio.Task | None = None
         self._stopping = False
+        self._running: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self._scheduler.add_job(
@@ -93,6 +94,9 @@ class Scheduler:
         await asyncio.sleep(0)
         if self._job is not None and not self._job.done():
             await asyncio.shield(self._job)
+        # Background jobs under way finish before the database they use is closed.
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
 
     def _every(self, seconds: float, job_id: str, work: Callable[[], Awaitable[object]]) -> None:
         """A background job: one run at a time, failures logged and tried again next time."""
@@ -100,10 +104,15 @@ class Scheduler:
         async def run() -> None:
             if self._stopping:
                 return
+            task = asyncio.current_task()
+            assert task is not None
+            self._running.add(task)
             try:
                 await work()
             except Exception:
                 log.exception("scheduled job failed", extra={"job": job_id})
+            finally:
+                self._running.discard(task)
 
         self._scheduler.add_job(
             run, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True

@@ -26,14 +26,14 @@ from sqlalchemy import select
 from connector.config import load_config
 from connector.db import migrate
 from connector.db.engine import make_engine
-from connector.db.models import User, WebhookDelivery
+from connector.db.models import TrackedEvent, User, WebhookDelivery
 from connector.db.types import utcnow
 from connector.notifications.parse import parse_notification
 from connector.notifications.store import store_messages
 from connector.runtime import open_runtime
 
-from .conftest import ADMIN_PASSWORD, INGEST_TOKEN
-from .helpers import event, message
+from .conftest import ADMIN, ADMIN_PASSWORD, INGEST_TOKEN
+from .helpers import event, message, webhook
 from .track_calls import operations, requests_made
 
 EXAMPLE_SETTINGS = Path(__file__).resolve().parent.parent / "settings.example.toml"
@@ -350,6 +350,79 @@ async def test_cli_serve_answers_on_its_port_until_interrupted(tmp_path, access_
         assert all(line["time"].endswith("Z") for line in requests)
     else:
         assert requests == []
+
+
+async def wait_answering(port: int) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(CLI_TIMEOUT_SECONDS * 10):
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+    pytest.fail("serve never answered")
+
+
+async def test_cli_serve_with_two_workers_answers_from_both_and_processes_each_webhook_once(
+    tmp_path, db_url
+):
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    config = write_toml(
+        tmp_path / "settings.toml",
+        {
+            "server": {"port": port, "access_log": True},
+            "database": {"url": db_url},
+            "security": {"admin_password": ADMIN_PASSWORD, "ingest_token": INGEST_TOKEN},
+            "sync": {"scheduled": False},
+        },
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONNECTOR_")}
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "connector", "--config", str(config), "serve", "--workers", "2"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+    event_ids = [f"worker-test-{i}" for i in range(40)]
+    try:
+        await wait_answering(port)
+        # A connection per request: the kernel spreads connections over the workers' sockets.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.get(f"http://127.0.0.1:{port}/api/webhook-url", headers=ADMIN) as resp:
+                url = (await resp.json())["url"]
+            for event_id in event_ids:
+                async with http.post(url, json=webhook(event_id, customer_id=event_id)) as resp:
+                    assert resp.status == 200
+                    assert await resp.json() == {"ok": True}
+            async with http.post(url, json=webhook(event_ids[0])) as resp:
+                assert await resp.json() == {"ok": True, "duplicate": True}
+        async with open_runtime(load_config(config, environ={})) as runtime:
+            for _ in range(CLI_TIMEOUT_SECONDS * 10):
+                async with runtime.sessionmaker() as session:
+                    statuses = (await session.scalars(select(WebhookDelivery.status))).all()
+                if statuses.count("processed") == len(event_ids):
+                    break
+                await asyncio.sleep(0.1)
+            async with runtime.sessionmaker() as session:
+                tracked = (await session.scalars(select(TrackedEvent.event_id))).all()
+        assert sorted(statuses) == ["processed"] * len(event_ids)
+        assert sorted(tracked) == sorted(event_ids)
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_SECONDS)
+    assert process.returncode == 0, stderr.decode()
+    answered_by = {
+        line["process"]
+        for line in access_lines(stderr.decode())
+        if "POST /webhook" in line["message"]
+    }
+    assert len(answered_by) == 2
+    assert process.pid not in answered_by
 
 
 # -- migrate and import ------------------------------------------------------------------

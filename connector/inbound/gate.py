@@ -8,11 +8,13 @@ another instance within that time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import time
 from dataclasses import dataclass
 
 from connector.db.kv import KeyValueStore
+from connector.inbound.signing import WebhookVerifier
 from connector.settings.secrets import new_token
 from connector.settings.store import SettingsStore
 
@@ -26,8 +28,19 @@ class GateState:
     signing_key: str
     tolerance_seconds: int
 
+    @functools.cached_property
+    def verifier(self) -> WebhookVerifier | None:
+        """The signature check, when a signing key is set (made once per state)."""
+        if not self.signing_key:
+            return None
+        return WebhookVerifier(self.signing_key, self.tolerance_seconds)
+
+    @functools.cached_property
+    def _token_bytes(self) -> bytes:
+        return self.token.encode()
+
     def token_matches(self, given: str) -> bool:
-        return hmac.compare_digest(given.encode(), self.token.encode())
+        return hmac.compare_digest(given.encode(), self._token_bytes)
 
 
 async def ensure_webhook_token(kv: KeyValueStore) -> str:

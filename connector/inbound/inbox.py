@@ -10,19 +10,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 
 from connector.db.models import WebhookDelivery
 from connector.db.types import utcnow
-from connector.db.upsert import insert
 from connector.rules.failures import is_transient
 
 _TABLE = WebhookDelivery.__table__
 
+# The receiver counts as working for this long after a webhook arrived (processing gives way
+# meanwhile, see InboundProcessor.give_way_to).
+RECEIVING_SECONDS = 0.05
+# Weight of the newest group in the running average of group sizes.
+GROUP_SIZE_WEIGHT = 0.2
+# Groups committed side by side on PostgreSQL: while one waits for its WAL flush, the next is
+# on its way. Each holds one of the engine's pooled connections (10 + 10 overflow) while the
+# service runs.
+POSTGRESQL_GROUPS_IN_FLIGHT = 4
 # One INSERT carries at most this many rows (SQLite's variable limit allows ~32,000 / 5 columns).
 MAX_GROUP = 500
 
@@ -38,16 +48,28 @@ class _Pending:
 
 class InboxWriter:
     def __init__(self, sessionmaker: async_sessionmaker):
-        self._sessionmaker = sessionmaker
         self._engine: AsyncEngine | None = sessionmaker.kw.get("bind")
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        self._last_arrival = float("-inf")
+        self._group_size = 1.0
+        # SQLite has one writer at a time whatever we do; PostgreSQL commits groups side by
+        # side (and flushes its WAL for several at once), each on a connection of its own.
+        sqlite = self._engine is not None and self._engine.dialect.name == "sqlite"
+        self._parallel = 1 if sqlite else POSTGRESQL_GROUPS_IN_FLIGHT
+        self._slots = asyncio.Semaphore(self._parallel)
         self._writing = False
+        self._in_flight: set[asyncio.Task] = set()
+        self._connections: list[AsyncConnection] = []
 
     @property
-    def busy(self) -> bool:
-        """Whether webhooks are waiting for (or being written by) a commit."""
-        return self._writing or not self._queue.empty()
+    def load(self) -> float:
+        """How hard the receiver is working: 0 when no webhook arrived in the last
+        :data:`RECEIVING_SECONDS`; else the recent average of webhooks a commit (about 1 while
+        each commits alone; more when they queue behind commits: the receiver is saturated)."""
+        if time.monotonic() - self._last_arrival >= RECEIVING_SECONDS:
+            return 0.0
+        return max(self._group_size, 1.0)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="inbox-writer")
@@ -56,28 +78,49 @@ class InboxWriter:
         """Write what is queued, then stop."""
         if self._task is None:
             return
-        while not self._queue.empty():
+        while not self._queue.empty() or self._in_flight or self._writing:
             await asyncio.sleep(0.01)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        self._task = None
+        while self._connections:
+            await self._connections.pop().close()
 
     async def store(self, event_id: str, body: str, headers: dict[str, str]) -> bool:
         """Commit one delivery; False when that event id was stored before (a duplicate)."""
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._last_arrival = time.monotonic()
         self._queue.put_nowait(_Pending(event_id, body, headers, utcnow(), done))
         return await done
 
     async def _run(self) -> None:
         while True:
+            # A free slot first: what arrives while every slot is busy joins the next group.
+            await self._slots.acquire()
             group = [await self._queue.get()]
             while not self._queue.empty() and len(group) < MAX_GROUP:
                 group.append(self._queue.get_nowait())
-            self._writing = True
-            try:
-                await self._commit(group)
-            finally:
-                self._writing = False
+            self._group_size += GROUP_SIZE_WEIGHT * (len(group) - self._group_size)
+            commit = self._commit_in_slot(group)
+            if self._parallel == 1:
+                # Awaited here: a task of its own would cost a turn of the event loop at each
+                # end, which under load is most of a group's wait.
+                self._writing = True
+                try:
+                    await commit
+                finally:
+                    self._writing = False
+                continue
+            task = asyncio.create_task(commit, name="inbox-commit")
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _commit_in_slot(self, group: list[_Pending]) -> None:
+        try:
+            await self._commit(group)
+        finally:
+            self._slots.release()
 
     async def _commit(self, group: list[_Pending]) -> None:
         """Write ``group`` and settle each webhook's future. When the group fails as a whole,
@@ -106,38 +149,61 @@ class InboxWriter:
         if self._engine is not None and self._engine.dialect.name == "sqlite":
             stored = await self._write_sqlite(list(first.values()))
         else:
-            stored = await self._write_orm(list(first.values()))
+            stored = await self._write_postgresql(list(first.values()))
         return {first[event_id] for event_id in stored}
 
-    async def _write_orm(self, items: list[_Pending]) -> set[str]:
-        rows = [
-            {
-                "event_id": item.event_id,
-                "body": item.body,
-                "headers": item.headers,
-                "received_at": item.received_at,
-                "status": "pending",
-            }
-            for item in items
-        ]
-        async with self._sessionmaker() as session, session.begin():
-            # The rows go as parameters of one cached statement (SQLAlchemy's "insertmanyvalues"
-            # batches them), not into a VALUES list compiled afresh for every group size; and
-            # through the Core table, so the ORM's bulk-insert machinery is skipped.
-            result = await session.execute(
-                insert(session, _TABLE)
-                .on_conflict_do_nothing(index_elements=["event_id"])
-                .returning(_TABLE.c.event_id),
-                rows,
+    async def _write_postgresql(self, items: list[_Pending]) -> set[str]:
+        """The group as one ``INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING RETURNING``
+        in autocommit mode, on a connection the writer keeps: one statement is a transaction of
+        its own, so this is one round trip to PostgreSQL a group, where a session cost four (the
+        pool's ping, BEGIN, the INSERT, COMMIT), each waiting for a turn of the event loop,
+        which is busy receiving. Up to :data:`POSTGRESQL_GROUPS_IN_FLIGHT` groups are written
+        at once, each on one of the writer's connections; one that fails is dropped, and the
+        next group takes a new one."""
+        assert self._engine is not None
+        if self._connections:
+            connection = self._connections.pop()
+        else:
+            connection = await self._engine.connect()
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+        headers = self._bind("headers")
+        try:
+            result = await connection.execute(
+                _POSTGRESQL_INSERT,
+                {
+                    "event_ids": [item.event_id for item in items],
+                    "bodies": [item.body for item in items],
+                    "headers": [headers(item.headers) for item in items],
+                    "received": [item.received_at for item in items],
+                },
             )
-            return {row[0] for row in result}
+            stored = {row[0] for row in result}
+            await connection.commit()
+        except Exception as exc:
+            if is_transient(exc):
+                with contextlib.suppress(Exception):
+                    await connection.invalidate()
+                    await connection.close()
+            else:
+                await connection.rollback()
+                self._connections.append(connection)
+            raise
+        self._connections.append(connection)
+        return stored
+
+    def _bind(self, column: str) -> Any:
+        """The column's own bind processor (what SQLAlchemy does to a value it stores)."""
+        assert self._engine is not None
+        dialect = self._engine.dialect
+        process = _TABLE.c[column].type.dialect_impl(dialect).bind_processor(dialect)
+        return process or (lambda value: value)
 
     async def _write_sqlite(self, items: list[_Pending]) -> set[str]:
         """The same INSERT as one statement on the driver's connection, in autocommit mode.
 
         A single statement is a transaction of its own in SQLite (taking the write lock when it
         starts, waiting for it with the busy timeout), so this commits exactly like
-        :meth:`_write_orm` does. But it costs one round trip to aiosqlite's thread instead of
+        :meth:`_write_postgresql` does. But it costs one round trip to aiosqlite's thread instead of
         about nine (BEGIN, cursor, execute, fetch, close, COMMIT, ...), each of which waits for
         the event loop, which is busy receiving webhooks: at low rates that was most of the
         cost of a webhook, and under load most of its latency. Values go through the columns'
@@ -165,6 +231,15 @@ class InboxWriter:
                 # Not in autocommit mode after all: the statement opened a transaction.
                 await driver.commit()
         return {row[0] for row in rows}
+
+
+_POSTGRESQL_INSERT = text(
+    f"INSERT INTO {_TABLE.name} (event_id, body, headers, received_at, status) "
+    "SELECT event_id, body, headers, received_at, 'pending' FROM unnest("
+    "CAST(:event_ids AS text[]), CAST(:bodies AS text[]), CAST(:headers AS jsonb[]), "
+    "CAST(:received AS timestamptz[])) AS given (event_id, body, headers, received_at) "
+    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+)
 
 
 @functools.lru_cache(maxsize=64)

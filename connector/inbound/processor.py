@@ -7,9 +7,15 @@ webhook is stored; the scheduler's sweep picks up anything left behind (e.g. aft
 A claimed batch is processed set-based: every delivery is parsed and mapped first (no I/O),
 then one transaction resolves the users of the whole batch (see
 :mod:`connector.users.identity`), inserts its tracked events and outbox messages with one
-statement each and marks the deliveries done with at most two. The receiver goes first: while
-the inbox has webhooks waiting for their commit, the next batch waits (at most
-:data:`MAX_GIVE_WAY_SECONDS`), so processing falls behind during a burst and catches up after.
+statement each and marks the deliveries done with at most two. The receiver goes first: each
+batch is followed by a pause in proportion to the CPU time it took, by how hard the receiver is
+working (:meth:`InboundProcessor.give_way_to`): none when no webhook is arriving, as long as the
+batch while they arrive at a rate the receiver takes in its stride (so processing keeps up, at
+1,000 webhooks/s among others), nine times as long while webhooks queue up for the inbox's
+commits (a burst at full speed: processing gets a tenth of the process, falls behind, and
+catches up once the burst is over), but only twice as long once the batch's oldest webhook is
+more than :data:`LAG_BUDGET_SECONDS` old, so that a long burst (or a slow machine, on which
+commits queue up at lower rates too) cannot leave processing behind for long.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,10 +59,18 @@ BATCH_SIZE = 100
 # A wake-up waits this long before processing, so that one batch takes what arrives meanwhile
 # (each batch costs a few round trips to the database whatever its size).
 GATHER_SECONDS = 0.1
-# While the inbox has webhooks waiting, the next batch waits for it this long at most, so
-# processing still advances under sustained load.
+# A batch that took t seconds is followed by a pause of factor * t, so processing takes at most
+# 1/(1 + factor) of the event loop: half while webhooks arrive, a tenth while the receiver is
+# saturated (webhooks queue for the inbox's commits: SATURATED_GROUP_SIZE or more a commit).
+GIVE_WAY_FACTOR = 1.0
+SATURATED_GIVE_WAY_FACTOR = 9.0
+SATURATED_GROUP_SIZE = 4.0
+# A batch whose oldest webhook arrived longer ago than this is behind: while saturated,
+# processing then takes a third of the loop (BEHIND_GIVE_WAY_FACTOR) until it has caught up.
+LAG_BUDGET_SECONDS = 1.0
+BEHIND_GIVE_WAY_FACTOR = 2.0
+# The longest pause, so that one slow batch (a database hiccup) cannot stall processing.
 MAX_GIVE_WAY_SECONDS = 0.5
-GIVE_WAY_POLL_SECONDS = 0.002
 
 DELIVERIES = WebhookDelivery.__table__
 TRACKED = TrackedEvent.__table__
@@ -120,11 +135,12 @@ class InboundProcessor:
         self._wakeup = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
-        self._receiver_busy: Callable[[], bool] | None = None
+        self._receiver_load: Callable[[], float] | None = None
 
-    def give_way_to(self, busy: Callable[[], bool]) -> None:
-        """Hold each batch back (a bounded time) while ``busy()``: the receiver goes first."""
-        self._receiver_busy = busy
+    def give_way_to(self, load: Callable[[], float]) -> None:
+        """Pause after each batch as ``load()`` says the receiver is working: 0 when idle, else
+        the webhooks it commits at a time (:attr:`connector.inbound.inbox.InboxWriter.load`)."""
+        self._receiver_load = load
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -153,26 +169,37 @@ class InboundProcessor:
         """Process every delivery that is waiting; one instance-local pass at a time."""
         summary = ProcessSummary()
         async with self._lock:
+            spent, behind = 0.0, False
             while True:
-                await self._give_way()
+                await self._give_way(spent, behind)
+                # CPU time of the event loop's thread, not wall time: a batch mostly waits for
+                # the database, and the loop serves webhooks meanwhile; what the receiver loses
+                # is the CPU the batch takes (plus what requests took in between, a little at
+                # moderate rates).
+                started = time.thread_time()
                 claimed = await self._claim()
                 if claimed:
                     await self._process(claimed, summary)
+                    oldest = utcnow() - claimed[0].received_at
+                    behind = oldest.total_seconds() > LAG_BUDGET_SECONDS
+                spent = time.thread_time() - started
                 if len(claimed) < BATCH_SIZE:
                     # Nothing more was waiting; what arrives from now on wakes the worker.
                     return summary
 
-    async def _give_way(self) -> None:
-        """Let the event loop serve requests, and wait while the receiver has work queued
-        (at most :data:`MAX_GIVE_WAY_SECONDS`)."""
-        await asyncio.sleep(0)
-        busy = self._receiver_busy
-        if busy is None or not busy():
+    async def _give_way(self, spent: float, behind: bool) -> None:
+        """Let the event loop serve requests; while the receiver is working, pause
+        :data:`GIVE_WAY_FACTOR` times ``spent`` (the last batch's time), or while it is
+        saturated :data:`SATURATED_GIVE_WAY_FACTOR` times (:data:`BEHIND_GIVE_WAY_FACTOR` when
+        processing is ``behind``), at most :data:`MAX_GIVE_WAY_SECONDS`."""
+        load = self._receiver_load() if self._receiver_load is not None else 0.0
+        if not load:
+            await asyncio.sleep(0)
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + MAX_GIVE_WAY_SECONDS
-        while busy() and loop.time() < deadline:
-            await asyncio.sleep(GIVE_WAY_POLL_SECONDS)
+        factor = GIVE_WAY_FACTOR
+        if load >= SATURATED_GROUP_SIZE:
+            factor = BEHIND_GIVE_WAY_FACTOR if behind else SATURATED_GIVE_WAY_FACTOR
+        await asyncio.sleep(min(spent * factor, MAX_GIVE_WAY_SECONDS))
 
     async def _claim(self) -> list[_Delivery]:
         now = utcnow()

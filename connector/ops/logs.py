@@ -25,7 +25,8 @@ def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         _UTCJsonFormatter(
-            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            # The process id tells the workers of `serve --workers N` apart.
+            "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
         )
     )

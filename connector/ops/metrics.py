@@ -12,6 +12,15 @@ REQUEST_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # A webhook is processed within a second when all is well; an hour means processing stopped.
 LAG_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
 STATUS_LEVELS = {"ok": 0, "warning": 1, "error": 2}
+# What the webhook receiver itself counts (the processor counts the rest, by event name).
+RECEIVED_OUTCOMES = (
+    "stored",
+    "duplicate",
+    "unauthorized",
+    "too_large",
+    "bad_signature",
+    "malformed",
+)
 
 
 class Metrics:
@@ -47,6 +56,10 @@ class Metrics:
             ["outcome", "event"],
             registry=self.registry,
         )
+        # Prepared once: labels() costs a lock and a dictionary look-up on every webhook.
+        self.webhooks_received = {
+            outcome: self.webhooks.labels(outcome, "") for outcome in RECEIVED_OUTCOMES
+        }
         self.forwarded = Counter(
             "connector_forwarded_messages",
             "Tracked events handed to the forwarding destination, by outcome",

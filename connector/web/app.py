@@ -29,20 +29,26 @@ from connector.web.webhook import setup_webhook
 MAX_NOTIFICATION_BYTES = 10 * 1024 * 1024
 
 
-def _running(runtime: Runtime):
+def _running(runtime: Runtime, scheduled_jobs: bool):
     async def run(app: web.Application) -> AsyncIterator[None]:
-        async with runtime.opened(), runtime.serving():
+        async with runtime.opened(), runtime.serving(scheduled_jobs=scheduled_jobs):
             yield
 
     return run
 
 
-def create_app(config: Config, *, sender_factory: SenderFactory | None = None) -> web.Application:
-    """The service; ``sender_factory`` replaces how Track API calls are made (dry runs)."""
+def create_app(
+    config: Config,
+    *,
+    sender_factory: SenderFactory | None = None,
+    scheduled_jobs: bool = True,
+) -> web.Application:
+    """The service; ``sender_factory`` replaces how Track API calls are made (dry runs);
+    ``scheduled_jobs`` off leaves the scheduler's jobs to another worker of the same port."""
     runtime = build_runtime(config, sender_factory=sender_factory)
     app = web.Application(client_max_size=MAX_NOTIFICATION_BYTES)
     app[runtime_key] = runtime
-    app.cleanup_ctx.append(_running(runtime))
+    app.cleanup_ctx.append(_running(runtime, scheduled_jobs))
     auth = Auth(config.security.admin_password, runtime.secrets, LoginThrottle(), runtime.audit)
     setup_errors(app)
     setup_health(app, runtime)

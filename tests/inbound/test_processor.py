@@ -301,17 +301,22 @@ async def test_processor_works_in_batches(runtime, monkeypatch):
     assert len(await users(runtime)) == 4
 
 
-async def test_processor_gives_way_to_a_busy_receiver_for_a_bounded_time(runtime, monkeypatch):
-    monkeypatch.setattr(processor_module, "MAX_GIVE_WAY_SECONDS", 0.05)
+@pytest.mark.parametrize("load", [1.0, 50.0], ids=["receiving", "saturated"])
+async def test_processor_gives_way_to_a_working_receiver_and_still_processes_everything(
+    runtime, monkeypatch, load
+):
+    monkeypatch.setattr(processor_module, "BATCH_SIZE", 3)
+    monkeypatch.setattr(processor_module, "MAX_GIVE_WAY_SECONDS", 0.01)
     polls = 0
 
-    def busy() -> bool:
+    def receiver_load() -> float:
         nonlocal polls
         polls += 1
-        return True
+        return load
 
-    runtime.processor.give_way_to(busy)
-    await store(runtime, webhook("e1", customer_id="c1"))
+    runtime.processor.give_way_to(receiver_load)
+    await store(runtime, *(webhook(f"e{i}", customer_id=f"c{i}") for i in range(10)))
     summary = await runtime.processor.process_pending()
-    assert summary.processed == 1
-    assert polls > 1
+    assert summary.processed == 10
+    # Asked before every batch: three of three, then the last one.
+    assert polls == 4

@@ -12,8 +12,12 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from sqlalchemy import select
 
+from connector.db.models import WebhookDelivery
+from connector.db.types import utcnow
 from connector.inbound.signing import WebhookVerifier
+from connector.web.keys import runtime_key
 
 from ..conftest import ADMIN, INGEST
 from ..fake_segment import WRITE_KEY as FORWARD_WRITE_KEY
@@ -293,13 +297,23 @@ def signed_headers(body: bytes, timestamp: int | None = None) -> dict[str, str]:
     return {"X-CIO-Signature": signature, "X-CIO-Timestamp": str(timestamp)}
 
 
-async def test_inbound_signed_webhook_is_accepted(start_app):
+async def test_inbound_signed_webhook_is_accepted_and_stored_as_it_came(start_app):
     client = await start_app()
     await configure(client, webhook_signing_key=SIGNING_KEY)
     path = await webhook_path(client)
     body = json.dumps(fixture("email_sent.json")).encode()
-    resp = await post_webhook(client, path, body, **signed_headers(body))
+    headers = signed_headers(body)
+    before = utcnow()
+    resp = await post_webhook(client, path, body, **headers, **{"User-Agent": "Customer.io"})
     assert resp.status == 200
+    assert await resp.json() == {"ok": True}
+    async with client.app[runtime_key].sessionmaker() as session:
+        delivery = (await session.scalars(select(WebhookDelivery))).one()
+    assert delivery.event_id == fixture("email_sent.json")["event_id"]
+    assert delivery.body == body.decode()
+    kept = {**headers, "Content-Type": "application/json", "User-Agent": "Customer.io"}
+    assert delivery.headers == kept
+    assert before <= delivery.received_at <= utcnow()
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,10 @@ def nested(depth: int) -> list:
         (b"9223372036854775808", "out of range (at most 64 bits)"),
         (b"-9223372036854775808", "out of range"),
         (b"1" * 5000, "out of range"),
+        # orjson, the fast path, takes these as an integer (up to 2**64 - 1) or a float.
+        (b'{"a": 18446744073709551615}', "out of range (at most 64 bits)"),
+        (b"[99999999999999999999]", "out of range"),
+        (b"-9223372036854775809", "out of range"),
         (b"[" * 65 + b"]" * 65, "nesting deeper than 64 levels"),
         (b"[" * 100_000 + b"]" * 100_000, "nesting deeper than 64 levels"),
         (b'{"a": "\xff"}', "not UTF-8: invalid start byte at byte 7"),
@@ -46,6 +50,12 @@ def test_safe_json_loads_refuses(document, reason):
         (b"[" * 64 + b"]" * 64, nested(64)),
         (b'{"a": "\\ud800", "b": "\\u0000"}', {"a": "\ud800", "b": "\x00"}),
         ('{"é": "ü"}', {"é": "ü"}),
+        # Long digit runs, many brackets and text that is not UTF-8 (a lone surrogate) send the
+        # document to the strict parser, which takes these.
+        (b'{"id": "12345678901234567890"}', {"id": "12345678901234567890"}),
+        (b"[123456789012345678, -0.0, 1.5e10]", [123456789012345678, -0.0, 1.5e10]),
+        (b"[" + b"[], " * 70 + b"[]]", [[]] * 71),
+        ('{"a": "\ud800"}', {"a": "\ud800"}),
     ],
 )
 def test_safe_json_loads_accepts(document, value):

@@ -106,7 +106,7 @@ async def test_admin_forms_with_an_unreadable_body_are_400_and_change_nothing(
 async def test_admin_static_odd_paths_are_404(start_app, name):
     client = await start_app()
     resp = await client.get(f"/static/admin/{name}")
-    # A NUL anywhere in a URL is refused before routing (see connector.web.app.storable_urls).
+    # A NUL anywhere in a URL is refused before routing (see connector.web.errors.edge).
     assert resp.status == (400 if "%00" in name else 404)
     assert (await client.get("/static/admin/admin.css")).status == 200
 
