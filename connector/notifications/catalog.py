@@ -34,15 +34,16 @@ def catalog_rows(messages: list[UserMessage]) -> list[dict[str, str | None]]:
 
 
 async def record_catalog(session: AsyncSession, messages: list[UserMessage]) -> None:
+    """Record what ``messages`` hold: one (executemany) statement."""
     rows = catalog_rows(messages)
     if not rows:
         return
     now = utcnow()
     for row in rows:
         row["last_seen_at"] = now
-    statement = insert(session, CatalogEntry).values(rows)
+    statement = insert(session, CatalogEntry)
     statement = statement.on_conflict_do_update(
         index_elements=["kind", "key"],
         set_={"label": statement.excluded.label, "last_seen_at": statement.excluded.last_seen_at},
     )
-    await session.execute(statement)
+    await session.execute(statement, rows)
