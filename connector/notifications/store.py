@@ -192,10 +192,19 @@ async def _webhook_users_to_merge(
     return merge
 
 
-async def _store_once(
-    sessionmaker: async_sessionmaker, messages: list[UserMessage], via_batch: bool
-) -> StoreResult:
-    async with sessionmaker() as session, session.begin():
+@dataclass
+class _Call:
+    """One :func:`store_messages` call."""
+
+    sessionmaker: async_sessionmaker
+    via_batch: bool
+    catalog: set[tuple[str, str, str | None]] = field(default_factory=set)
+    """The catalog rows its committed transactions recorded (not written again)."""
+
+
+async def _store_once(call: _Call, messages: list[UserMessage]) -> StoreResult:
+    via_batch = call.via_batch
+    async with call.sessionmaker() as session, session.begin():
         stored = await find_users(session, messages)
         user_ids = resolve_messages(messages, stored)
         writes, changed = _fold(messages, user_ids, {user.id: user for user in stored})
@@ -229,7 +238,8 @@ async def _store_once(
         if marks_only:
             await session.execute(_marking(via_batch, with_data=False), marks_only)
         await merge.apply(session)
-        await record_catalog(session, messages)
+        recorded = await record_catalog(session, messages, call.catalog)
+    call.catalog.update(recorded)
     return StoreResult(
         accepted=len(messages),
         changed=sum(write.marks for write in writes.values()),
@@ -237,27 +247,23 @@ async def _store_once(
     )
 
 
-async def _store_retrying(
-    sessionmaker: async_sessionmaker, messages: list[UserMessage], via_batch: bool
-) -> StoreResult:
+async def _store_retrying(call: _Call, messages: list[UserMessage]) -> StoreResult:
     for attempt in range(1, _MAX_TRANSACTION_TRIES + 1):
         try:
-            return await _store_once(sessionmaker, messages, via_batch)
+            return await _store_once(call, messages)
         except IntegrityError:
             if attempt == _MAX_TRANSACTION_TRIES:
                 raise
     raise AssertionError("unreachable")
 
 
-async def _store_one_by_one(
-    sessionmaker: async_sessionmaker, messages: list[UserMessage], via_batch: bool
-) -> StoreResult:
+async def _store_one_by_one(call: _Call, messages: list[UserMessage]) -> StoreResult:
     """Each message in a transaction of its own: one the database refuses is rejected with
     the database's reason, and the others are stored."""
     result = StoreResult()
     for message in messages:
         try:
-            result.add(await _store_retrying(sessionmaker, [message], via_batch))
+            result.add(await _store_retrying(call, [message]))
         except Exception as exc:
             if is_transient(exc):
                 raise
@@ -277,6 +283,7 @@ async def store_messages(
     for long; a storing again of the same notification changes nothing. A transaction the
     database refuses is replayed message by message, and only the refused ones are rejected.
     """
+    call = _Call(sessionmaker, via_batch)
     result = StoreResult()
     for start in range(0, len(messages), MAX_MESSAGES_PER_TRANSACTION):
         chunk = messages[start : start + MAX_MESSAGES_PER_TRANSACTION]
@@ -285,9 +292,9 @@ async def store_messages(
             # chunk does.
             await asyncio.sleep(0)
         try:
-            result.add(await _store_retrying(sessionmaker, chunk, via_batch))
+            result.add(await _store_retrying(call, chunk))
         except Exception as exc:
             if is_transient(exc) or (len(chunk) == 1 and not isinstance(exc, IntegrityError)):
                 raise
-            result.add(await _store_one_by_one(sessionmaker, chunk, via_batch))
+            result.add(await _store_one_by_one(call, chunk))
     return result

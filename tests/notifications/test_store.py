@@ -11,11 +11,15 @@ import pytest
 from sqlalchemy import select
 
 from connector.db import sync_state
-from connector.db.models import User, UserEvent
+from connector.db.models import CatalogEntry, User, UserEvent
 from connector.db.sync_state import SyncStatus
 from connector.db.types import utcnow
 from connector.notifications.parse import parse_notification
-from connector.notifications.store import StoreResult, store_messages
+from connector.notifications.store import (
+    MAX_MESSAGES_PER_TRANSACTION,
+    StoreResult,
+    store_messages,
+)
 from connector.runtime import Runtime, open_runtime
 
 from ..helpers import event, message, notification
@@ -278,3 +282,18 @@ async def test_store_large_notification_in_several_transactions_stores_every_use
     stored = await users(runtime)
     assert len(stored) == 1_050
     assert all(user.pending and user.version == 1 for user in stored.values())
+
+
+async def test_store_catalog_of_a_notification_in_several_transactions_has_all_it_held(runtime):
+    first_chunk = [message(f"u{i:03d}", plan="free") for i in range(MAX_MESSAGES_PER_TRANSACTION)]
+    later = {**message("late", title="CTO"), "segments": [{"id": "seg-paying", "name": "Payers"}]}
+    later["events"] = [event("ev-1", "Signed Up")]
+
+    await store(runtime, *first_chunk, later)
+
+    async with runtime.sessionmaker() as session:
+        entries = {(e.kind, e.key): e.label for e in await session.scalars(select(CatalogEntry))}
+    assert entries[("segment", "seg-paying")] == "Payers"
+    assert ("attribute", "plan") in entries
+    assert ("attribute", "title") in entries
+    assert ("event", "Signed Up") in entries
