@@ -175,14 +175,28 @@ async def _insert_events(
     return counts
 
 
+@dataclass
+class _Call:
+    """One :func:`store_messages` call."""
+
+    sessionmaker: async_sessionmaker
+    via_batch: bool
+    catalog: set[tuple[str, str, str | None]] = field(default_factory=set)
+    """The catalog rows its committed transactions recorded (not written again)."""
+    user_id_mapping: str | None = None
+    """The setting, as the first transaction that needed it read it."""
+
+
 async def _webhook_users_to_merge(
-    session: AsyncSession, messages: list[UserMessage], writes: dict[str, _Write]
+    session: AsyncSession, call: _Call, messages: list[UserMessage], writes: dict[str, _Write]
 ) -> WebhookUserMerge:
     """The users created from webhooks that the chunk's users new by ``user.id`` take over."""
     merge = WebhookUserMerge()
     new = [m for m in messages if m.key and writes[m.key].new]
     if new:
-        mapping = (await load_settings(session)).user_id_mapping
+        if call.user_id_mapping is None:
+            call.user_id_mapping = (await load_settings(session)).user_id_mapping
+        mapping = call.user_id_mapping
         await merge.load(
             session,
             [platform_user(m, mapping) for m in new],
@@ -192,23 +206,13 @@ async def _webhook_users_to_merge(
     return merge
 
 
-@dataclass
-class _Call:
-    """One :func:`store_messages` call."""
-
-    sessionmaker: async_sessionmaker
-    via_batch: bool
-    catalog: set[tuple[str, str, str | None]] = field(default_factory=set)
-    """The catalog rows its committed transactions recorded (not written again)."""
-
-
 async def _store_once(call: _Call, messages: list[UserMessage]) -> StoreResult:
     via_batch = call.via_batch
     async with call.sessionmaker() as session, session.begin():
         stored = await find_users(session, messages)
         user_ids = resolve_messages(messages, stored)
         writes, changed = _fold(messages, user_ids, {user.id: user for user in stored})
-        merge = await _webhook_users_to_merge(session, messages, writes)
+        merge = await _webhook_users_to_merge(session, call, messages, writes)
         now = utcnow()
         new = [write for write in writes.values() if write.new]
         if new:

@@ -611,6 +611,10 @@ class WebhookUserMerge:
         customer_id = USERS.c.cio_id
         if user_id_mapping == "email":
             customer_id = func.lower(customer_id)
+        # `cio_id || ''` rather than `cio_id`: SQLite's planner, which has no statistics, would
+        # otherwise find the users without a customer id through ix_users_cio_id (every
+        # platform user not sent yet) and not through the emails' index.
+        no_customer_id = (USERS.c.cio_id + "").is_(None)
         query = (
             select(USERS.c.id, USERS.c.cio_id, USERS.c.email, USERS.c.cio_ref)
             .where(
@@ -618,7 +622,7 @@ class WebhookUserMerge:
                 USERS.c.sync_status == WEBHOOK_USER_STATUS,
                 or_(
                     customer_id.in_(customer_ids),
-                    USERS.c.cio_id.is_(None) & func.lower(USERS.c.email).in_(emails),
+                    no_customer_id & func.lower(USERS.c.email).in_(emails),
                 ),
             )
             .order_by(USERS.c.created_at, USERS.c.id)
