@@ -42,6 +42,20 @@ _MAX_TRANSACTION_TRIES = 3
 # to be acknowledged (Customer.io gives them 4 seconds): 100 users take a few tens of ms.
 MAX_MESSAGES_PER_TRANSACTION = 100
 
+_EVENTS = UserEvent.__table__
+_USERS = User.__table__
+# The columns of a user's data (what _Write.data_row holds).
+_DATA_COLUMNS = (
+    "external_id",
+    "email",
+    "anonymous_ids",
+    "attributes",
+    "account",
+    "segments",
+    "indexed_at",
+    "data_hash",
+)
+
 
 @dataclass
 class StoreResult:
@@ -106,21 +120,6 @@ def _fold(
             write.data, write.data_hash = message, data_hash
         changed.append(is_changed)
     return writes, changed
-
-
-_EVENTS = UserEvent.__table__
-_USERS = User.__table__
-# Updates of many users at once (executemany): their data, and the pending marks.
-_DATA_COLUMNS = (
-    "external_id",
-    "email",
-    "anonymous_ids",
-    "attributes",
-    "account",
-    "segments",
-    "indexed_at",
-    "data_hash",
-)
 
 
 def _marking(via_batch: bool, *, with_data: bool) -> Any:
@@ -206,41 +205,59 @@ async def _webhook_users_to_merge(
     return merge
 
 
+async def _insert_users(
+    session: AsyncSession,
+    writes: dict[str, _Write],
+    merge: WebhookUserMerge,
+    now: datetime,
+    via_batch: bool,
+) -> None:
+    """Insert the chunk's new users, pending: one statement."""
+    # In the order of their ids: two notifications creating the same users take their locks
+    # in one order, and wait for each other instead of deadlocking.
+    new = sorted((write for write in writes.values() if write.new), key=lambda w: w.id)
+    if not new:
+        return
+    state = sync_state.first_pending_state(now, via_batch=via_batch)
+    rows = [{"id": w.id, **w.data_row(), **state, "cio_ref": merge.cio_ref_for(w.id)} for w in new]
+    await session.execute(insert(session, _USERS), rows)
+
+
+async def _update_users(
+    session: AsyncSession, writes: dict[str, _Write], now: datetime, via_batch: bool
+) -> None:
+    """Write the changed users' data and mark them pending, one version per mark: at most two
+    (executemany) statements."""
+    with_data, marks_only = [], []
+    for write in writes.values():
+        # A new user's first version is the row inserted.
+        versions = write.marks - 1 if write.new else write.marks
+        if not versions:
+            continue
+        row = {"b_id": write.id, "b_now": now, "b_versions": versions}
+        if write.new or write.data is None:
+            marks_only.append(row)
+        else:
+            with_data.append(row | {f"b_{k}": v for k, v in write.data_row().items()})
+    if with_data:
+        await session.execute(_marking(via_batch, with_data=True), with_data)
+    if marks_only:
+        await session.execute(_marking(via_batch, with_data=False), marks_only)
+
+
 async def _store_once(call: _Call, messages: list[UserMessage]) -> StoreResult:
-    via_batch = call.via_batch
     async with call.sessionmaker() as session, session.begin():
         stored = await find_users(session, messages)
         user_ids = resolve_messages(messages, stored)
         writes, changed = _fold(messages, user_ids, {user.id: user for user in stored})
         merge = await _webhook_users_to_merge(session, call, messages, writes)
         now = utcnow()
-        new = [write for write in writes.values() if write.new]
-        if new:
-            first = sync_state.first_pending_state(now, via_batch=via_batch)
-            rows = [
-                {"id": w.id, **w.data_row(), **first, "cio_ref": merge.cio_ref_for(w.id)}
-                for w in new
-            ]
-            await session.execute(insert(session, _USERS), rows)
+        await _insert_users(session, writes, merge, now, call.via_batch)
         inserted = await _insert_events(session, messages, user_ids, now)
         for user_id, is_changed, count in zip(user_ids, changed, inserted, strict=True):
-            if is_changed or count or via_batch:
+            if is_changed or count or call.via_batch:
                 writes[user_id].marks += 1
-        with_data, marks_only = [], []
-        for write in writes.values():
-            # A new user's first version is the row inserted.
-            versions = write.marks - 1 if write.new else write.marks
-            if not versions:
-                continue
-            row = {"b_id": write.id, "b_now": now, "b_versions": versions}
-            if write.new or write.data is None:
-                marks_only.append(row)
-            else:
-                with_data.append(row | {f"b_{k}": v for k, v in write.data_row().items()})
-        if with_data:
-            await session.execute(_marking(via_batch, with_data=True), with_data)
-        if marks_only:
-            await session.execute(_marking(via_batch, with_data=False), marks_only)
+        await _update_users(session, writes, now, call.via_batch)
         await merge.apply(session)
         recorded = await record_catalog(session, messages, call.catalog)
     call.catalog.update(recorded)
