@@ -4,7 +4,9 @@ A user's place in the outbound work queue is a few columns of ``users``: ``sync_
 (one :class:`SyncStatus`), ``pending``, ``pending_since``, ``next_attempt_at``, ``attempts``,
 and the reason columns. Only this module writes them; callers name the change
 (:func:`mark_pending`, :func:`mark_all_pending`, :func:`record_result`, :func:`record_retry`,
-:func:`retry_failed_users`, :func:`confirm_held_deletions`) and read through the conditions
+:func:`retry_failed_users`, :func:`confirm_held_deletions`; :func:`first_pending_state` and
+:func:`mark_pending_values` are :func:`mark_pending` for statements writing many users at
+once) and read through the conditions
 below. The set-based changes are one statement each, whatever the number of users.
 """
 
@@ -14,7 +16,7 @@ import enum
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, false, func, select, update
+from sqlalchemy import ColumnElement, case, false, func, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from connector.db.models import User
@@ -131,6 +133,40 @@ def mark_pending(user: User, now: datetime, *, via_batch: bool) -> None:
         user.attempts = 0
         user.next_attempt_at = now
         user.sync_status = SyncStatus.PENDING
+
+
+def first_pending_state(now: datetime, *, via_batch: bool) -> dict[str, Any]:
+    """The sync state of a user the platform sends for the first time (``users`` columns):
+    what :func:`mark_pending` makes of a new user."""
+    return {
+        "version": 1,
+        "pending": True,
+        "pending_since": now,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "sync_status": SyncStatus.PENDING,
+        "via_batch": via_batch,
+    }
+
+
+def mark_pending_values(now: Any, *, versions: Any, via_batch: bool) -> dict[str, Any]:
+    """:func:`mark_pending` as the values of an ``UPDATE`` of many users (an executemany):
+    ``versions`` new versions (a number or a bind parameter), and pending from ``now`` (a
+    datetime or a bind parameter) unless it already was."""
+    if isinstance(now, datetime):
+        now = literal(now, User.pending_since.type)
+    was_pending = User.pending.is_(True)
+    values: dict[str, Any] = {
+        "version": User.version + versions,
+        "pending": True,
+        "pending_since": case((was_pending, User.pending_since), else_=now),
+        "attempts": case((was_pending, User.attempts), else_=0),
+        "next_attempt_at": case((was_pending, User.next_attempt_at), else_=now),
+        "sync_status": case((was_pending, User.sync_status), else_=SyncStatus.PENDING.value),
+    }
+    if via_batch:
+        values["via_batch"] = True
+    return values
 
 
 async def mark_all_pending(session: AsyncSession, now: datetime, *, full: bool) -> int:

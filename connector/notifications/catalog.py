@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from connector.db.models import CatalogEntry
@@ -33,16 +35,28 @@ def catalog_rows(messages: list[UserMessage]) -> list[dict[str, str | None]]:
     ]
 
 
-async def record_catalog(session: AsyncSession, messages: list[UserMessage]) -> None:
-    rows = catalog_rows(messages)
+async def record_catalog(
+    session: AsyncSession,
+    messages: list[UserMessage],
+    recorded: Collection[tuple[str, str, str | None]] = (),
+) -> set[tuple[str, str, str | None]]:
+    """Record what ``messages`` hold but ``recorded`` (what the earlier transactions of the
+    same notification recorded) does not: one (executemany) statement. Returns the
+    ``(kind, key, label)`` of the rows written."""
+    rows = [
+        row
+        for row in catalog_rows(messages)
+        if (row["kind"], row["key"], row["label"]) not in recorded
+    ]
     if not rows:
-        return
+        return set()
     now = utcnow()
     for row in rows:
         row["last_seen_at"] = now
-    statement = insert(session, CatalogEntry).values(rows)
+    statement = insert(session, CatalogEntry)
     statement = statement.on_conflict_do_update(
         index_elements=["kind", "key"],
         set_={"label": statement.excluded.label, "last_seen_at": statement.excluded.last_seen_at},
     )
-    await session.execute(statement)
+    await session.execute(statement, rows)
+    return {(row["kind"], row["key"], row["label"]) for row in rows}

@@ -175,11 +175,24 @@ def _segments(raw: Any) -> list[dict[str, Any]]:
     return segments
 
 
+def _unstorable_text(raw: dict[str, Any]) -> str | None:
+    """:func:`safe_json.unstorable_text` of a message, which is walked (building the path of
+    every value) only when its JSON text holds something that may be unstorable: encoding it
+    is one call into C. ``json`` writes NUL as ``\\u0000`` and a lone surrogate as it is."""
+    try:
+        encoded = json.dumps(raw, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):  # not from JSON (an integer past str()'s limit, say)
+        encoded = "\\u0000"
+    if "\\u0000" not in encoded and safe_json.is_storable(encoded):
+        return None
+    return safe_json.unstorable_text(raw)
+
+
 def parse_message(raw: Any, index: int) -> UserMessage:
     """Validate one message; raises ``ValueError`` with a reason the platform can act on."""
     if not isinstance(raw, dict):
         raise ValueError("message must be an object")
-    unstorable = safe_json.unstorable_text(raw)
+    unstorable = _unstorable_text(raw)
     if unstorable:
         raise ValueError(unstorable)
     user = raw.get("user")

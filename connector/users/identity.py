@@ -2,7 +2,8 @@
 
 **Platform messages** (``notifications/``) are keyed by ``user.id``; a message without one is
 found by ``external_id``, else by ``email``, and creates a user ``external_id:<value>`` or
-``email:<value>`` (:func:`find_users`, :func:`new_user_id`).
+``email:<value>`` (:func:`find_users`, :func:`resolve_messages`, :func:`new_user_id`). A chunk
+of messages is resolved with one query, in order, as if its messages came one at a time.
 
 **Inbound webhooks** (``inbound/``) carry a customer id, an email and Customer.io's ``cio_id``.
 A batch of identities is resolved set-based: the candidate users are loaded with one query per
@@ -415,35 +416,96 @@ def new_user_id(message: UserMessage) -> str:
     return f"email:{message.email}"
 
 
-async def find_users(session: AsyncSession, messages: list[UserMessage]) -> dict[int, User]:
-    """Existing user of each message (by position), locked for the rest of the transaction."""
-    keys = [m.key for m in messages if m.key]
-    external_ids = [m.external_id for m in messages if not m.key and m.external_id]
-    emails = [m.email for m in messages if not m.key and not m.external_id and m.email]
+@dataclass(frozen=True)
+class StoredUser:
+    """What storing a platform message needs of a stored user."""
+
+    id: str
+    external_id: str | None
+    email: str | None
+    data_hash: str | None
+
+
+async def find_users(session: AsyncSession, messages: Sequence[UserMessage]) -> list[StoredUser]:
+    """The stored users that ``messages`` can be about (by ``user.id``; without it by
+    ``external_id``, else by ``email``), oldest first, locked for the rest of the transaction:
+    one query."""
+    keys = {m.key for m in messages if m.key}
+    external_ids = {m.external_id for m in messages if not m.key and m.external_id}
+    emails = {m.email for m in messages if not m.key and not m.external_id and m.email}
     conditions = []
     if keys:
-        conditions.append(User.id.in_(keys))
+        conditions.append(USERS.c.id.in_(keys))
     if external_ids:
-        conditions.append(User.external_id.in_(external_ids))
+        conditions.append(USERS.c.external_id.in_(external_ids))
     if emails:
-        conditions.append(User.email.in_(emails))
+        conditions.append(USERS.c.email.in_(emails))
     if not conditions:
-        return {}
-    rows = (await session.scalars(select(User).where(or_(*conditions)).with_for_update())).all()
-    by_id = {user.id: user for user in rows}
-    by_external = {user.external_id: user for user in rows if user.external_id}
-    by_email = {user.email: user for user in rows if user.email}
-    found: dict[int, User] = {}
-    for position, message in enumerate(messages):
+        return []
+    query = (
+        select(USERS.c.id, USERS.c.external_id, USERS.c.email, USERS.c.data_hash)
+        .where(or_(*conditions))
+        .order_by(USERS.c.created_at, USERS.c.id)
+        .with_for_update()
+    )
+    return [StoredUser(*row) for row in await session.execute(query)]
+
+
+class _PlatformUsers:
+    """The users a chunk of messages can be about, oldest first, with the ``external_id`` and
+    ``email`` the messages before have given them."""
+
+    def __init__(self, stored: Iterable[StoredUser]):
+        self._rank: dict[str, int] = {}
+        self._values: dict[str, tuple[str | None, str | None]] = {}
+        self._by_external_id: dict[str, set[str]] = {}
+        self._by_email: dict[str, set[str]] = {}
+        for user in stored:
+            self.set(user.id, user.external_id, user.email)
+
+    def __contains__(self, user_id: str) -> bool:
+        return user_id in self._rank
+
+    def set(self, user_id: str, external_id: str | None, email: str | None) -> None:
+        old = self._values.get(user_id)
+        if old == (external_id, email):
+            return
+        self._rank.setdefault(user_id, len(self._rank))
+        if old is not None:
+            self._by_external_id.get(old[0] or "", set()).discard(user_id)
+            self._by_email.get(old[1] or "", set()).discard(user_id)
+        self._values[user_id] = (external_id, email)
+        if external_id:
+            self._by_external_id.setdefault(external_id, set()).add(user_id)
+        if email:
+            self._by_email.setdefault(email, set()).add(user_id)
+
+    def find(self, message: UserMessage) -> str | None:
         if message.key:
-            user = by_id.get(message.key)
-        elif message.external_id:
-            user = by_external.get(message.external_id)
+            return message.key if message.key in self else None
+        if message.external_id:
+            candidates = self._by_external_id.get(message.external_id)
         else:
-            user = by_email.get(message.email)
-        if user is not None:
-            found[position] = user
-    return found
+            candidates = self._by_email.get(message.email or "")
+        return min(candidates, key=self._rank.__getitem__) if candidates else None
+
+
+def resolve_messages(messages: Sequence[UserMessage], stored: Iterable[StoredUser]) -> list[str]:
+    """The id of each message's user, in order, as if the messages were stored one at a time:
+    the user ``user.id`` names; without one, the oldest user whose ``external_id`` is the
+    message's, else (without ``external_id``) whose ``email`` is (case-sensitively); failing
+    that, a new user :func:`new_user_id`. A message's user takes its ``external_id`` and
+    ``email`` for the messages after it.
+
+    ``stored`` is what :func:`find_users` loaded for ``messages`` (oldest first).
+    """
+    users = _PlatformUsers(stored)
+    ids = []
+    for message in messages:
+        user_id = users.find(message) or new_user_id(message)
+        users.set(user_id, message.external_id, message.email)
+        ids.append(user_id)
+    return ids
 
 
 # -- merging the users created from webhooks into the platform's -----------------------------
@@ -549,6 +611,10 @@ class WebhookUserMerge:
         customer_id = USERS.c.cio_id
         if user_id_mapping == "email":
             customer_id = func.lower(customer_id)
+        # `cio_id || ''` rather than `cio_id`: SQLite's planner, which has no statistics, would
+        # otherwise find the users without a customer id through ix_users_cio_id (every
+        # platform user not sent yet) and not through the emails' index.
+        no_customer_id = (USERS.c.cio_id + "").is_(None)
         query = (
             select(USERS.c.id, USERS.c.cio_id, USERS.c.email, USERS.c.cio_ref)
             .where(
@@ -556,7 +622,7 @@ class WebhookUserMerge:
                 USERS.c.sync_status == WEBHOOK_USER_STATUS,
                 or_(
                     customer_id.in_(customer_ids),
-                    USERS.c.cio_id.is_(None) & func.lower(USERS.c.email).in_(emails),
+                    no_customer_id & func.lower(USERS.c.email).in_(emails),
                 ),
             )
             .order_by(USERS.c.created_at, USERS.c.id)

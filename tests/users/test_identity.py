@@ -16,12 +16,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from connector.db.models import User
 from connector.db.types import utcnow
 from connector.inbound.mapping import Identity
+from connector.notifications.parse import UserMessage
 from connector.runtime import Runtime, open_runtime
 from connector.users.identity import (
     PlatformUser,
+    StoredUser,
     WebhookUser,
     candidate_id,
     new_user_row,
+    resolve_messages,
     resolve_users,
     webhook_users_to_merge,
 )
@@ -352,3 +355,51 @@ async def test_bulk_resolution_matches_one_lookup_at_a_time(runtime, mapping):
             await session.rollback()
         assert got == expected, (round_, identities)
         assert got_table == expected_table, (round_, identities)
+
+
+# -- the platform's messages within one chunk ------------------------------------------------
+
+
+def platform_message(key=None, external_id=None, email=None) -> UserMessage:
+    return UserMessage(
+        key=key,
+        external_id=external_id,
+        email=email,
+        anonymous_ids=[],
+        attributes={},
+        account={},
+        segments=[],
+        indexed_at=None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("stored", "messages", "expected"),
+    [
+        ([], [("u1", None, None)], ["u1"]),
+        ([], [(None, "e1", None), (None, None, "a@x")], ["external_id:e1", "email:a@x"]),
+        ([("u1", "e1", "a@x")], [(None, "e1", "a@x"), (None, None, "a@x")], ["u1", "u1"]),
+        # The first message leaves u1 without an email.
+        ([("u1", "e1", "a@x")], [(None, "e1", None), (None, None, "a@x")], ["u1", "email:a@x"]),
+        # Emails are matched as they are (the platform's own users; webhooks ignore case).
+        ([("u1", "e1", "a@x")], [(None, None, "A@x")], ["email:A@x"]),
+        # The oldest of the stored users wins.
+        ([("u1", "e1", None), ("u2", "e1", None)], [(None, "e1", None)], ["u1"]),
+        # A message's user answers to its external_id and email for the messages after it...
+        ([], [("u1", "e1", "a@x"), (None, "e1", "a@x"), (None, None, "a@x")], ["u1"] * 3),
+        # ... and no longer to those it had.
+        ([("u1", "e1", None)], [("u1", "e2", None), (None, "e1", None)], ["u1", "external_id:e1"]),
+        # Then the next oldest with them is found.
+        (
+            [("u1", "e1", None), ("u2", "e1", None)],
+            [("u1", "e2", None), (None, "e1", None)],
+            ["u1", "u2"],
+        ),
+        # A user created by the chunk is found by the id it was given.
+        ([], [(None, "e1", None), ("external_id:e1", "e1", None)], ["external_id:e1"] * 2),
+    ],
+)
+def test_identity_resolve_messages_as_if_one_at_a_time(stored, messages, expected):
+    stored_users = [StoredUser(id, external_id, email, None) for id, external_id, email in stored]
+    chunk = [platform_message(*fields) for fields in messages]
+    assert resolve_messages(chunk, stored_users) == expected
