@@ -17,10 +17,14 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+# One encoder for every value (json.dumps with an option builds a new one each call).
+_encode = json.JSONEncoder(allow_nan=False).encode
+
+
 def _json_serializer(value: Any) -> str:
     # NaN and Infinity are not JSON: PostgreSQL refuses them and SQLite's JSON functions then
     # fail on the row. Refusing them here fails one statement instead of corrupting a row.
-    return json.dumps(value, allow_nan=False)
+    return _encode(value)
 
 
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
