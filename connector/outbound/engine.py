@@ -59,8 +59,11 @@ MISSING_CREDENTIALS = "Customer.io site id and API key are not set"
 
 # The write-back commits at most this many users at once, and a finished user waits at most
 # this long for others to share its transaction (a pass's last ones are committed at once).
-MAX_WRITE_GROUP = 200
+MAX_WRITE_GROUP = 500
 MAX_WRITE_DELAY = 0.5
+MAX_WRITE_QUEUE = 2 * MAX_WRITE_GROUP
+"""Finished users waiting for the write-back at most: beyond, workers wait before taking more
+(memory stays flat however many users a pass has, and no lease runs out in the queue)."""
 SLICES_IN_FLIGHT = 4
 """With the batch transport, slices of ``claim_batch_size`` users worked on at once: some are
 claimed, planned or written back while the others' requests are out (a request's answer takes
@@ -378,6 +381,7 @@ class SyncEngine:
 
         async def worker() -> None:
             while not (stop.is_set() or writer.failed):
+                await writer.room()
                 claimed = await feed.next()
                 if claimed is None:
                     return
@@ -400,6 +404,7 @@ class SyncEngine:
 
         async def slice_worker() -> None:
             while not (stop.is_set() or writer.failed):
+                await writer.room()
                 users = await feed.take(self._config.claim_batch_size)
                 if not users:
                     return
@@ -779,6 +784,8 @@ class _WriteBack:
         self._queue: list[_Done] = []
         self._queued = asyncio.Event()
         self._full = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
         self._closing = False
         self.error: BaseException | None = None
         self._task = asyncio.create_task(self._run(), name="outbound-write-back")
@@ -792,6 +799,15 @@ class _WriteBack:
         self._queued.set()
         if len(self._queue) >= MAX_WRITE_GROUP:
             self._full.set()
+        if len(self._queue) >= MAX_WRITE_QUEUE:
+            self._room.clear()
+
+    async def room(self) -> None:
+        """Wait while :data:`MAX_WRITE_QUEUE` users are queued (not once the writer stopped)."""
+        while not self._room.is_set() and self._task is not None and not self._task.done():
+            waiter = asyncio.ensure_future(self._room.wait())
+            await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
 
     async def close(self) -> None:
         """Commit everything queued, then stop."""
@@ -815,6 +831,8 @@ class _WriteBack:
             del self._queue[:MAX_WRITE_GROUP]
             if len(self._queue) < MAX_WRITE_GROUP and not self._closing:
                 self._full.clear()
+            if len(self._queue) < MAX_WRITE_QUEUE:
+                self._room.set()
             try:
                 await self._repository.finish_many(
                     [(done.claimed, done.outcome, done.retry_at) for done in group]
