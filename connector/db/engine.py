@@ -34,6 +34,12 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 10)
         kwargs.setdefault("pool_pre_ping", True)
+        # Plan every statement with its values: a prepared statement's generic plan, made
+        # while a table was small, kept scanning it whole once it had grown (storing a
+        # notification's users took 30-100 ms a chunk at 50,000 users instead of 2).
+        kwargs.setdefault(
+            "connect_args", {"server_settings": {"plan_cache_mode": "force_custom_plan"}}
+        )
         return create_async_engine(url, **kwargs)
 
     # One connection per process: transactions of this process queue for it in order, instead

@@ -83,6 +83,9 @@ class User(Base):
         Index("ix_users_pending_next", "pending", "next_attempt_at"),
         # The claim's order: walked in order instead of sorting every pending user per claim.
         Index("ix_users_claim_order", "pending", "pending_since", "id"),
+        # Webhook users are few: storing a notification finds those it takes over by status
+        # (PostgreSQL scanned every user for them).
+        Index("ix_users_sync_status", "sync_status"),
     )
 
 

@@ -1,5 +1,5 @@
 """runs record their transport and how many users their batch requests carried; the
-claim's order is an index
+claim's order and the webhook users' status are indexes
 
 Revision ID: 0007
 Revises: 0006
@@ -32,10 +32,13 @@ def upgrade() -> None:
         batch_op.create_index(
             "ix_users_claim_order", ["pending", "pending_since", "id"], unique=False
         )
+        # Storing a notification looks for the few webhook users it takes over by status.
+        batch_op.create_index("ix_users_sync_status", ["sync_status"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("users", schema=None) as batch_op:
+        batch_op.drop_index("ix_users_sync_status")
         batch_op.drop_index("ix_users_claim_order")
     with op.batch_alter_table("sync_runs", schema=None) as batch_op:
         batch_op.drop_column("batch_users")
