@@ -39,7 +39,9 @@ OPERATION_TOO_LARGE = "over Customer.io's 32 KB limit for one batch operation"
 def encoded_size(value: Any) -> int:
     """Bytes of ``value`` as the ``customerio`` package sends it (``requests``' ``json=``:
     ``json.dumps`` with its default separators and ``ensure_ascii``, so ASCII only)."""
-    return len(json.dumps(value))
+    # NaN and Infinity have no JSON form: requests refuses them (the package only turns NaN
+    # into null), which would fail the whole request; refused here, they set one user aside.
+    return len(json.dumps(value, allow_nan=False))
 
 
 def request_size(operation_sizes: Iterable[int]) -> int:

@@ -201,13 +201,17 @@ def test_anonymous_events_and_events_over_32_kb_go_to_v1_in_order():
     ] == ["Small"]
 
 
-def test_a_user_whose_operations_cannot_be_encoded_is_set_aside_alone():
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(object(), "TypeError"), (float("inf"), "ValueError"), (float("nan"), "ValueError")],
+)
+def test_a_user_whose_operations_cannot_be_encoded_is_set_aside_alone(value, error):
     packing = pack(
-        [("bad", [Identify("bad", {"x": object()})]), ("good", user_ops(1))],
+        [("bad", [Identify("bad", {"x": value})]), ("good", user_ops(1))],
         max_bytes=450_000,
         max_operations=1000,
     )
-    assert packing.unpackable == {"bad": "TypeError"}
+    assert packing.unpackable == {"bad": error}
     assert {e.user_id for r in packing.requests for e in r.entries} == {"good"}
 
 
