@@ -88,7 +88,7 @@ REQUEST_TIMEOUT_SECONDS = 10.0
 SETTLE_SECONDS = 15.0
 CRASH_LOAD_SECONDS = 2.0
 # wrk's request pool is built before the run: this many per second of --duration, at most.
-WRK_POOL_PER_SECOND_CAP = 12_000
+WRK_POOL_PER_SECOND_CAP = 30_000
 
 
 # -- the bare server -------------------------------------------------------------------------

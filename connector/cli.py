@@ -182,6 +182,7 @@ def _serve_worker(
 ) -> int:
     """Serve on ``sock`` until told to stop; the exit code."""
     from connector.web.app import create_app
+    from connector.web.serving import serve
 
     app = create_app(config, scheduled_jobs=scheduled_jobs)
     app.on_startup.append(_freeze_startup_objects)
@@ -189,7 +190,7 @@ def _serve_worker(
         app.cleanup_ctx.append(_stop_with_parent(parent))
     try:
         access_log = logging.getLogger(ACCESS_LOGGER) if config.server.access_log else None
-        web.run_app(app, sock=sock, print=None, access_log=access_log)
+        serve(app, sock, access_log=access_log)
     except DatabaseNotMigrated as exc:
         click.echo(f"error: {exc}", err=True)
         return 1

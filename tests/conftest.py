@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from aiohttp.test_utils import TestServer
 from sqlalchemy import text
 
 from connector.config import Config, parse_config
@@ -23,6 +24,7 @@ from connector.db import migrate
 from connector.db.engine import make_engine
 from connector.db.models import Base
 from connector.web.app import create_app
+from connector.web.serving import ServiceRunner
 
 from .support import run_blocking, scratch_postgres_database
 
@@ -137,11 +139,20 @@ ADMIN = basic_auth("admin", ADMIN_PASSWORD)
 INGEST = {"Authorization": f"Bearer {INGEST_TOKEN}"}
 
 
+class ServiceTestServer(TestServer):
+    """A test server made as ``connector serve`` makes its server: with the webhook lane."""
+
+    async def _make_runner(self, **kwargs: Any) -> ServiceRunner:
+        return ServiceRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 def start_app(aiohttp_client, make_config) -> Callable[..., Any]:
     """Start the service (through its HTTP interface) with a configuration of the test's."""
 
     async def start(config: Config | None = None, **overrides: dict[str, Any]):
-        return await aiohttp_client(create_app(config or make_config(**overrides)))
+        return await aiohttp_client(
+            ServiceTestServer(create_app(config or make_config(**overrides)))
+        )
 
     return start

@@ -48,7 +48,20 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     # `connector sync --once` beside `serve`, still wait for the lock with the busy timeout.
     kwargs.setdefault("pool_size", 1)
     kwargs.setdefault("max_overflow", 0)
+    # The pool's own reset rolls back every connection it gets back; _on_reset does it only
+    # when a transaction is open.
+    kwargs.setdefault("pool_reset_on_return", None)
     engine = create_async_engine(url, **kwargs)
+
+    @event.listens_for(engine.sync_engine, "reset")
+    def _on_reset(dbapi_connection: Any, record: Any, state: Any) -> None:
+        # A rollback of nothing is still a round trip to aiosqlite's thread, and the webhook
+        # inbox, which writes in autocommit mode, returned its connection once a group: a turn
+        # of the busy event loop for each. Sessions end their transactions themselves
+        # (transaction_was_reset), so this rolls back only what raw driver use left open.
+        if state.asyncio_safe and not state.transaction_was_reset:
+            if record.driver_connection.in_transaction:
+                dbapi_connection.rollback()
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

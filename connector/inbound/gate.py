@@ -57,6 +57,13 @@ class WebhookGate:
         self._loaded_at = 0.0
         self._refreshing = asyncio.Lock()
 
+    def fresh(self) -> GateState | None:
+        """The cached state while it is fresh, else None (then await :meth:`current`): the
+        receiver's path on nearly every webhook, without a coroutine."""
+        if self._state is None or self._clock() - self._loaded_at > REFRESH_SECONDS:
+            return None
+        return self._state
+
     async def current(self) -> GateState:
         """The cached state; one request refreshes it when stale while the others go on."""
         stale = self._state is None or self._clock() - self._loaded_at > REFRESH_SECONDS

@@ -67,7 +67,7 @@ SATURATED_GIVE_WAY_FACTOR = 9.0
 SATURATED_GROUP_SIZE = 4.0
 # A batch whose oldest webhook arrived longer ago than this is behind: while saturated,
 # processing then takes a third of the loop (BEHIND_GIVE_WAY_FACTOR) until it has caught up.
-LAG_BUDGET_SECONDS = 1.0
+LAG_BUDGET_SECONDS = 30.0
 BEHIND_GIVE_WAY_FACTOR = 2.0
 # The longest pause, so that one slow batch (a database hiccup) cannot stall processing.
 MAX_GIVE_WAY_SECONDS = 0.5

@@ -18,6 +18,7 @@ from connector.rules import safe_json
 from connector.runtime import Runtime
 from connector.web.responses import json_error
 
+WEBHOOK_PATH = "/webhook"
 # Customer.io's reporting webhooks are a few KB; anything near this is not one of them.
 MAX_WEBHOOK_BYTES = 1024 * 1024
 # Kept with the raw body: what is needed to re-verify or debug a delivery later.
@@ -25,7 +26,7 @@ KEPT_HEADERS = ("X-CIO-Signature", "X-CIO-Timestamp", "Content-Type", "User-Agen
 MAX_EVENT_ID_LENGTH = 255
 
 
-async def _read_body(request: web.Request) -> bytes | None:
+async def _read_body(request: web.BaseRequest) -> bytes | None:
     """The body, or None when it is over :data:`MAX_WEBHOOK_BYTES`."""
     if request.content_length is not None and request.content_length > MAX_WEBHOOK_BYTES:
         return None
@@ -60,16 +61,22 @@ def _ok(body: bytes) -> web.Response:
 
 class WebhookReceiver:
     """Does what must happen before the 200, and nothing else: the token, the size, the
-    signature, the JSON, the commit. Mapping waits for the processor."""
+    signature, the JSON, the commit. Mapping waits for the processor.
+
+    Served in a lane of its own (:mod:`connector.web.serving`): no route lookup and no
+    middleware, so every outcome is answered here."""
 
     def __init__(self, runtime: Runtime):
         self._gate = runtime.gate
         self._inbox = runtime.inbox
         self._processor = runtime.processor
-        self._counted = runtime.metrics.webhooks_received
+        counted = runtime.metrics.webhooks_received
+        self._counted = counted
+        self._stored = counted["stored"]
+        self._duplicate = counted["duplicate"]
 
-    async def receive(self, request: web.Request) -> web.Response:
-        gate = await self._gate.current()
+    async def receive(self, request: web.BaseRequest) -> web.Response:
+        gate = self._gate.fresh() or await self._gate.current()
         if not gate.token_matches(request.query.get("conf", "")):
             self._counted["unauthorized"].inc()
             return json_error(401, "unknown webhook token")
@@ -104,12 +111,18 @@ class WebhookReceiver:
         # loads() succeeded, so the body is valid UTF-8; escapes keep NUL out of its raw text.
         stored = await self._inbox.store(delivery_key(payload, body), body.decode(), kept)
         if not stored:
-            self._counted["duplicate"].inc()
+            self._duplicate.inc()
             return _ok(_DUPLICATE)
-        self._counted["stored"].inc()
+        self._stored.inc()
         self._processor.wake()
         return _ok(_STORED)
 
 
+webhook_receiver_key = web.AppKey("webhook_receiver", WebhookReceiver)
+
+
 def setup_webhook(app: web.Application, runtime: Runtime) -> None:
-    app.router.add_post("/webhook", WebhookReceiver(runtime).receive)
+    receiver = app[webhook_receiver_key] = WebhookReceiver(runtime)
+    # Served by the lane (connector.web.serving); the route answers GET with a 405, and serves
+    # webhooks where the app runs without the lane.
+    app.router.add_post(WEBHOOK_PATH, receiver.receive)

@@ -1,0 +1,110 @@
+"""Serving the app: ``POST /webhook`` in a lane of its own, everything else through the app.
+
+aiohttp's :class:`~aiohttp.web.Application` resolves each request's route and runs it through
+the app's middleware chain (:mod:`connector.web.errors`, the page's layer, and the layer aiohttp
+adds whenever there is middleware). A webhook needs none of it: the receiver answers every
+outcome itself. Under a burst those layers and the route lookup were about a tenth of the
+receiving process's CPU, so the server that :class:`ServiceRunner` makes hands a webhook straight
+to the receiver and every other request to the app, which still holds the route (``GET
+/webhook`` gets its 405 there, and a server made by a plain runner serves webhooks that way).
+What the edge middleware does for the other routes, the lane does for webhooks: an unexpected
+error is logged and answered ``500 {"error": "internal error"}``.
+
+:func:`serve` runs the app on a listening socket until SIGTERM or SIGINT, as
+:func:`aiohttp.web.run_app` does (which cannot take a runner of its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from connector.web.responses import json_error
+from connector.web.webhook import WEBHOOK_PATH, webhook_receiver_key
+
+log = logging.getLogger("connector.web")
+
+# As aiohttp's run_app: how long a graceful stop waits for requests under way, and how long
+# an idle keep-alive connection is kept.
+SHUTDOWN_TIMEOUT_SECONDS = 60.0
+KEEPALIVE_TIMEOUT_SECONDS = 75.0
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def webhook_lane(app_handler: Handler, receive: Handler) -> Handler:
+    """The server's request handler: ``POST /webhook`` to ``receive``, the rest to the app."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if request.method != "POST" or request.path != WEBHOOK_PATH:
+            return await app_handler(request)
+        try:
+            return await receive(request)
+        except Exception:
+            log.exception("unhandled error", extra={"path": WEBHOOK_PATH})
+            return json_error(500, "internal error")
+
+    return handle
+
+
+class ServiceRunner(web.AppRunner):
+    """An :class:`~aiohttp.web.AppRunner` whose server has the webhook lane."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        receiver = self.app.get(webhook_receiver_key)
+        if receiver is not None:
+            server.request_handler = webhook_lane(server.request_handler, receiver.receive)
+        return server
+
+
+def serve(app: web.Application, sock: socket.socket, *, access_log: logging.Logger | None) -> None:
+    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT, then stop gracefully. What the app's
+    start raises (a database not migrated, say) is raised here."""
+    loop = asyncio.new_event_loop()
+    main = loop.create_task(_serve(app, sock, access_log))
+    try:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            if not main.done():
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(main)
+        finally:
+            _cancel_remaining(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            asyncio.set_event_loop(None)
+
+
+async def _serve(app: web.Application, sock: socket.socket, access_log) -> None:
+    runner = ServiceRunner(
+        app,
+        handle_signals=True,
+        access_log=access_log,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_SECONDS,
+    )
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
