@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import string
 import time
 
@@ -33,7 +32,7 @@ captured request could be replayed short (Slack's ``v0`` scheme, which this copi
 _SIGNATURE_HEX_LENGTH = hashlib.sha256().digest_size * 2
 # Ten digits reach the year 2286; a value of more than twelve is not a Unix time in seconds,
 # whatever else it is.
-_TIMESTAMP_PATTERN = re.compile(r"[0-9]{1,12}")
+_MAX_TIMESTAMP_DIGITS = 12
 _HEX_DIGITS = frozenset(string.hexdigits)
 
 
@@ -53,6 +52,8 @@ class WebhookVerifier:
             raise ValueError("tolerance_seconds must not be negative")
         self._key = signing_key.encode("utf-8")
         self._tolerance = tolerance_seconds
+        # Keyed once: a copy per webhook costs two thirds of a fresh HMAC.
+        self._keyed = hmac.new(self._key, digestmod=hashlib.sha256)
 
     def sign(self, timestamp: int | str, body: bytes) -> str:
         """The ``X-CIO-Signature`` value Customer.io would send for ``timestamp`` and ``body``."""
@@ -77,7 +78,10 @@ class WebhookVerifier:
             raise WebhookVerificationError("missing X-CIO-Signature header")
         if not timestamp:
             raise WebhookVerificationError("missing X-CIO-Timestamp header")
-        if not _TIMESTAMP_PATTERN.fullmatch(timestamp):
+        # Up to twelve ASCII digits: str methods in C, cheaper than the pattern they stand for.
+        if not (
+            len(timestamp) <= _MAX_TIMESTAMP_DIGITS and timestamp.isascii() and timestamp.isdigit()
+        ):
             raise WebhookVerificationError("X-CIO-Timestamp is not a Unix time in seconds")
 
         current = time.time() if now is None else now
@@ -89,6 +93,8 @@ class WebhookVerifier:
 
         if len(signature) != _SIGNATURE_HEX_LENGTH or not _HEX_DIGITS.issuperset(signature):
             raise WebhookVerificationError("X-CIO-Signature is not a hex HMAC-SHA256")
-        expected = bytes.fromhex(self.sign(timestamp, body))
+        mac = self._keyed.copy()
+        mac.update(b":".join((SIGNATURE_VERSION, timestamp.encode("ascii"), body)))
+        expected = mac.digest()
         if not hmac.compare_digest(expected, bytes.fromhex(signature)):
             raise WebhookVerificationError("X-CIO-Signature does not match")

@@ -27,10 +27,21 @@ MAX_EVENT_ID_LENGTH = 255
 
 
 async def _read_body(request: web.BaseRequest) -> bytes | None:
-    """The body, or None when it is over :data:`MAX_WEBHOOK_BYTES`."""
+    """The whole body, or None when it is over :data:`MAX_WEBHOOK_BYTES`."""
     if request.content_length is not None and request.content_length > MAX_WEBHOOK_BYTES:
         return None
-    body = await request.content.read(MAX_WEBHOOK_BYTES + 1)
+    stream = request.content
+    # Nearly always the whole body at once; a body that came in several pieces (a large one,
+    # or chunked) is read to its end.
+    body = await stream.readany()
+    if not stream.at_eof():
+        chunks, size = [body], len(body)
+        while chunk := await stream.readany():
+            size += len(chunk)
+            if size > MAX_WEBHOOK_BYTES:
+                return None
+            chunks.append(chunk)
+        body = b"".join(chunks)
     return None if len(body) > MAX_WEBHOOK_BYTES else body
 
 

@@ -375,6 +375,49 @@ async def test_inbound_bad_requests_are_refused_and_not_stored(start_app, case, 
     assert (await stats(client))["deliveries"] == {}
 
 
+async def test_inbound_a_body_that_comes_in_pieces_is_stored_whole(start_app):
+    client = await start_app()
+    path = await webhook_path(client)
+    payload = fixture("email_clicked.json")
+    payload["event_id"] = "in-pieces"
+    payload["data"]["padding"] = "p" * 200_000
+    body = json.dumps(payload).encode()
+
+    async def pieces():
+        # Chunked, with pauses: the server sees the body arrive in several reads.
+        for start in range(0, len(body), 50_000):
+            yield body[start : start + 50_000]
+            await asyncio.sleep(0.01)
+
+    resp = await client.post(path, data=pieces(), headers={"Content-Type": "application/json"})
+
+    assert resp.status == 200, await resp.text()
+    assert await resp.json() == {"ok": True}
+    await wait_processed(client, 1)
+    async with client.app[runtime_key].sessionmaker() as session:
+        delivery = (await session.scalars(select(WebhookDelivery))).one()
+    assert (delivery.event_id, delivery.status) == ("in-pieces", "processed")
+    assert delivery.body == body.decode()
+
+
+async def test_inbound_a_chunked_body_over_the_limit_is_refused(start_app):
+    client = await start_app()
+    path = await webhook_path(client)
+    piece = b" " * (256 * 1024)
+
+    async def pieces():
+        yield b'{"event_id": "big", "data": "'
+        for _ in range(5):
+            yield piece
+        yield b'"}'
+
+    resp = await client.post(path, data=pieces(), headers={"Content-Type": "application/json"})
+
+    assert resp.status == 413
+    assert "limited to" in (await resp.json())["error"]
+    assert (await stats(client))["deliveries"] == {}
+
+
 async def test_inbound_other_methods_get_405(start_app):
     client = await start_app()
     path = await webhook_path(client)
@@ -382,6 +425,11 @@ async def test_inbound_other_methods_get_405(start_app):
         resp = await client.request(method, path)
         assert resp.status == 405
         assert "error" in await resp.json()
+    # Only POST /webhook itself takes the webhook lane; a path beside it is the app's 404.
+    token = path.partition("?")[2]
+    resp = await client.post(f"/webhook/?{token}", data=b"{}")
+    assert resp.status == 404
+    assert "error" in await resp.json()
 
 
 async def test_inbound_events_are_forwarded_to_a_segment_destination(start_app, fake_segment):
