@@ -59,9 +59,9 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
         # inbox, which writes in autocommit mode, returned its connection once a group: a turn
         # of the busy event loop for each. Sessions end their transactions themselves
         # (transaction_was_reset), so this rolls back only what raw driver use left open.
-        if state.asyncio_safe and not state.transaction_was_reset:
-            if record.driver_connection.in_transaction:
-                dbapi_connection.rollback()
+        reset = state.asyncio_safe and not state.transaction_was_reset
+        if reset and record.driver_connection.in_transaction:
+            dbapi_connection.rollback()
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
