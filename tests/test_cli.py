@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
@@ -337,16 +338,24 @@ async def test_cli_serve_answers_on_its_port_until_interrupted(tmp_path, access_
                     await asyncio.sleep(0.1)
             else:
                 pytest.fail("serve never answered")
-        assert status == 200
+            assert status == 200
+            async with http.get(f"http://127.0.0.1:{port}/api/webhook-url", headers=ADMIN) as resp:
+                url = (await resp.json())["url"]
+            async with http.post(url, json=webhook("logged", customer_id="c1")) as resp:
+                assert resp.status == 200
     finally:
         process.send_signal(signal.SIGINT)
         _, stderr = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_SECONDS)
     assert process.returncode == 0, stderr.decode()
     requests = access_lines(stderr.decode())
+    token = parse_qs(urlsplit(url).query)["conf"][0]
+    # The token lets anyone post webhooks: it is never in the log.
+    assert token not in stderr.decode()
     if access_log:
         assert any(
             "GET /healthz" in line["message"] and line["level"] == "INFO" for line in requests
         )
+        assert any("POST /webhook?conf=redacted " in line["message"] for line in requests)
         assert all(line["time"].endswith("Z") for line in requests)
     else:
         assert requests == []

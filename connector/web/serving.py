@@ -11,7 +11,8 @@ What the edge middleware does for the other routes, the lane does for webhooks: 
 error is logged and answered ``500 {"error": "internal error"}``.
 
 :func:`serve` runs the app on a listening socket until SIGTERM or SIGINT, as
-:func:`aiohttp.web.run_app` does (which cannot take a runner of its own).
+:func:`aiohttp.web.run_app` does (which cannot take a runner of its own), with an access log
+(when ``server.access_log`` is on) that leaves the webhook URL's token out.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import socket
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.web_log import AccessLogger
 
 from connector.web.responses import json_error
 from connector.web.webhook import WEBHOOK_PATH, webhook_receiver_key
@@ -50,6 +52,20 @@ def webhook_lane(app_handler: Handler, receive: Handler) -> Handler:
             return json_error(500, "internal error")
 
     return handle
+
+
+# What the access log shows for the webhook URL's token.
+REDACTED = "redacted"
+
+
+class RedactingAccessLogger(AccessLogger):
+    """aiohttp's access log line, with the ``conf`` query value (the webhook URL's token,
+    which lets anyone post webhooks) replaced by :data:`REDACTED`."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request is not None and "conf" in request.query:
+            request = request.clone(rel_url=request.rel_url.update_query(conf=REDACTED))
+        super().log(request, response, time)
 
 
 class ServiceRunner(web.AppRunner):
@@ -91,6 +107,7 @@ async def _serve(app: web.Application, sock: socket.socket, access_log) -> None:
         app,
         handle_signals=True,
         access_log=access_log,
+        access_log_class=RedactingAccessLogger,
         shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
         keepalive_timeout=KEEPALIVE_TIMEOUT_SECONDS,
     )
