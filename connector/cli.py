@@ -150,6 +150,8 @@ def _listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
 @click.pass_context
 def serve(ctx: click.Context, workers: int) -> None:
     """Run the service: HTTP API, webhook receiver and scheduled sync."""
+    from connector.web.serving import event_loop_name
+
     config = _load(ctx)
     if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
         click.echo("error: --workers needs SO_REUSEPORT, which this system lacks", err=True)
@@ -164,6 +166,7 @@ def serve(ctx: click.Context, workers: int) -> None:
     url = f"http://{config.server.host}:{config.server.port}"
     click.echo(f"Connector listening on {url} (status: {url}/status, admin API: {url}/api/)")
     click.echo(f"Settings page: {url}/admin (user 'admin', password security.admin_password)")
+    click.echo(f"Event loop: {event_loop_name()}")
     if workers == 1:
         sys.exit(_serve_worker(config, sockets[0], scheduled_jobs=True))
     # What a first start writes (migration, settings, secrets, the webhook token) is written

@@ -322,7 +322,7 @@ async def test_cli_serve_answers_on_its_port_until_interrupted(tmp_path, access_
     env = {key: value for key, value in os.environ.items() if not key.startswith("CONNECTOR_")}
     process = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "connector", "--config", str(config), "serve"),
-        stdout=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env,
         cwd=tmp_path,
@@ -345,8 +345,10 @@ async def test_cli_serve_answers_on_its_port_until_interrupted(tmp_path, access_
                 assert resp.status == 200
     finally:
         process.send_signal(signal.SIGINT)
-        _, stderr = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_SECONDS)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_SECONDS)
     assert process.returncode == 0, stderr.decode()
+    # uvloop is a dependency wherever it builds (not on Windows).
+    assert "Event loop: uvloop\n" in stdout.decode()
     requests = access_lines(stderr.decode())
     token = parse_qs(urlsplit(url).query)["conf"][0]
     # The token lets anyone post webhooks: it is never in the log.
