@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from connector.db.models import WebhookDelivery
 from connector.db.types import utcnow
@@ -21,7 +21,7 @@ from connector.web.keys import runtime_key
 
 from ..conftest import ADMIN, INGEST
 from ..fake_segment import WRITE_KEY as FORWARD_WRITE_KEY
-from ..helpers import message, notification
+from ..helpers import message, notification, webhook
 from ..track_calls import operations
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -416,6 +416,36 @@ async def test_inbound_a_chunked_body_over_the_limit_is_refused(start_app):
     assert resp.status == 413
     assert "limited to" in (await resp.json())["error"]
     assert (await stats(client))["deliveries"] == {}
+
+
+@pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+async def test_inbox_takes_a_new_connection_when_postgresql_drops_its_own(start_app):
+    client = await start_app()
+    path = await webhook_path(client)
+    assert (await post_webhook(client, path, webhook("before", customer_id="c1"))).status == 200
+    # Every other connection to the database ends, the inbox writer's among them.
+    async with client.app[runtime_key].sessionmaker() as session:
+        await session.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+
+    statuses = {}
+    for event_id in ("after-1", "after-2", "after-3"):
+        resp = await post_webhook(client, path, webhook(event_id, customer_id="c1"))
+        statuses[event_id] = resp.status
+
+    # The first may have met the dead connection: a 500 that Customer.io sends again. After
+    # it, the writer is on a new connection.
+    assert statuses["after-1"] in (200, 500)
+    assert statuses["after-2"] == statuses["after-3"] == 200
+    again = await post_webhook(client, path, webhook("after-1", customer_id="c1"))
+    assert again.status == 200
+    assert (await wait_processed(client, 4))["deliveries"] == {"processed": 4}
 
 
 async def test_inbound_other_methods_get_405(start_app):
