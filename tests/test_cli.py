@@ -319,26 +319,10 @@ async def test_cli_serve_answers_on_its_port_until_interrupted(tmp_path, access_
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]
     config = serve_settings(tmp_path, port, access_log=access_log)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CONNECTOR_")}
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "connector", "--config", str(config), "serve"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=tmp_path,
-    )
+    process = await start_serve(config, tmp_path)
     try:
+        await wait_answering(port)
         async with aiohttp.ClientSession() as http:
-            for _ in range(CLI_TIMEOUT_SECONDS * 10):
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                        status = resp.status
-                    break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("serve never answered")
-            assert status == 200
             async with http.get(f"http://127.0.0.1:{port}/api/webhook-url", headers=ADMIN) as resp:
                 url = (await resp.json())["url"]
             async with http.post(url, json=webhook("logged", customer_id="c1")) as resp:
@@ -361,6 +345,19 @@ async def test_cli_serve_answers_on_its_port_until_interrupted(tmp_path, access_
         assert all(line["time"].endswith("Z") for line in requests)
     else:
         assert requests == []
+
+
+async def start_serve(config: Path, cwd: Path, *options: str) -> asyncio.subprocess.Process:
+    """``connector serve`` in a process of its own, outside this environment's settings; the
+    caller stops it (SIGINT) and reads its output with ``communicate()``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONNECTOR_")}
+    return await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "connector", "--config", str(config), "serve", *options),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+    )
 
 
 async def wait_answering(port: int) -> None:
@@ -390,14 +387,7 @@ async def test_cli_serve_with_two_workers_answers_from_both_and_processes_each_w
             "sync": {"scheduled": False},
         },
     )
-    env = {key: value for key, value in os.environ.items() if not key.startswith("CONNECTOR_")}
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "connector", "--config", str(config), "serve", "--workers", "2"),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=tmp_path,
-    )
+    process = await start_serve(config, tmp_path, "--workers", "2")
     event_ids = [f"worker-test-{i}" for i in range(40)]
     try:
         await wait_answering(port)

@@ -66,7 +66,7 @@ class WebhookGate:
 
     async def current(self) -> GateState:
         """The cached state; one request refreshes it when stale while the others go on."""
-        stale = self._state is None or self._clock() - self._loaded_at > REFRESH_SECONDS
+        stale = self.fresh() is None
         if stale and not self._refreshing.locked():
             async with self._refreshing:
                 await self.refresh()

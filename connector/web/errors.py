@@ -32,8 +32,14 @@ async def edge(request: web.Request, handler):
             response.headers["Allow"] = exc.headers["Allow"]
         return response
     except Exception:
-        log.exception("unhandled error", extra={"path": request.path})
-        return json_error(500, "internal error")
+        return unexpected_error(request.path)
+
+
+def unexpected_error(path: str) -> web.Response:
+    """The answer to an error no handler expected (the caller is in its ``except``): logged
+    with its traceback, answered ``500 {"error": "internal error"}``."""
+    log.exception("unhandled error", extra={"path": path})
+    return json_error(500, "internal error")
 
 
 def _storable_url(request: web.Request) -> bool:

@@ -32,10 +32,8 @@ except ImportError:  # not on Windows, or left out of the environment: asyncio's
 from aiohttp import web
 from aiohttp.web_log import AccessLogger
 
-from connector.web.responses import json_error
+from connector.web.errors import unexpected_error
 from connector.web.webhook import WEBHOOK_PATH, webhook_receiver_key
-
-log = logging.getLogger("connector.web")
 
 # As aiohttp's run_app: how long a graceful stop waits for requests under way, and how long
 # an idle keep-alive connection is kept.
@@ -54,8 +52,7 @@ def webhook_lane(app_handler: Handler, receive: Handler) -> Handler:
         try:
             return await receive(request)
         except Exception:
-            log.exception("unhandled error", extra={"path": WEBHOOK_PATH})
-            return json_error(500, "internal error")
+            return unexpected_error(WEBHOOK_PATH)
 
     return handle
 
