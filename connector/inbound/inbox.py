@@ -199,33 +199,48 @@ class InboxWriter:
         which is busy receiving. The statement goes to asyncpg itself (its statement cache
         prepares it once): through SQLAlchemy's execution and result layers it cost the event
         loop 84 µs a group, directly 32. Up to :data:`POSTGRESQL_GROUPS_IN_FLIGHT` groups are
-        written at once, each on one of the writer's connections; one whose connection failed
-        is dropped, and the next group takes a new one."""
-        assert self._engine is not None
-        if self._connections:
-            connection, driver = self._connections.pop()
-        else:
-            connection = await self._engine.connect()
-            await connection.execution_options(isolation_level="AUTOCOMMIT")
-            driver = (await connection.get_raw_connection()).driver_connection
-        try:
-            rows = await driver.fetch(
-                _POSTGRESQL_INSERT,
-                [item.event_id for item in items],
-                [item.body for item in items],
-                [item.headers for item in items],
-                received_at,
-            )
-        except Exception as exc:
-            if is_unavailable(exc):
+        written at once, each on one of the writer's connections.
+
+        A kept connection may have ended while it was idle (PostgreSQL restarted, an operator
+        ended the backend): then the group is written once more on a new connection rather
+        than answered with a 500, after which Customer.io would hold back every webhook for an
+        hour. Sending it twice is safe: if the first did commit, the second finds its event
+        ids stored and the webhooks are acknowledged as duplicates (stored once all the same)."""
+        kept = bool(self._connections)
+        connection, driver = self._connections.pop() if kept else await self._connect()
+        while True:
+            try:
+                rows = await driver.fetch(
+                    _POSTGRESQL_INSERT,
+                    [item.event_id for item in items],
+                    [item.body for item in items],
+                    [item.headers for item in items],
+                    received_at,
+                )
+            except Exception as exc:
+                if _refused_by_server(exc) and not driver.is_closed():
+                    # PostgreSQL refused the statement: the connection itself is fine.
+                    self._connections.append((connection, driver))
+                    raise
+                # Anything else (the connection ended, or asyncpg found it busy with a message
+                # the server sent unasked, as after pg_terminate_backend): not used again.
                 with contextlib.suppress(Exception):
                     await connection.invalidate()
                     await connection.close()
-            else:
-                self._connections.append((connection, driver))
-            raise
-        self._connections.append((connection, driver))
-        return {row[0] for row in rows}
+                if not kept:
+                    raise
+                kept = False
+                connection, driver = await self._connect()
+                continue
+            self._connections.append((connection, driver))
+            return {row[0] for row in rows}
+
+    async def _connect(self) -> tuple[AsyncConnection, Any]:
+        """A new connection for the writer, in autocommit mode, with its asyncpg connection."""
+        assert self._engine is not None
+        connection = await self._engine.connect()
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+        return connection, (await connection.get_raw_connection()).driver_connection
 
     async def _write_sqlite(
         self, items: list[_Pending], received_at: datetime, driver: Any
@@ -268,12 +283,21 @@ _ASYNCPG_UNAVAILABLE = (
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
+    # The connection's protocol is still busy with a message the server sent unasked (the
+    # FATAL that ends a terminated backend), so it cannot take a statement.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
 def is_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database is unavailable for now, not that it refused a row."""
     return is_transient(exc) or isinstance(exc, _ASYNCPG_UNAVAILABLE)
+
+
+def _refused_by_server(exc: BaseException) -> bool:
+    """Whether PostgreSQL answered ``exc`` to the statement (a constraint, a type), with the
+    connection still good for the next."""
+    return isinstance(exc, asyncpg.PostgresError) and not is_unavailable(exc)
 
 
 def _fail(group: list[_Pending], exc: BaseException) -> None:
