@@ -26,6 +26,10 @@ before any clock starts. The phases:
 3. **durability**: the rows in ``webhook_deliveries`` against the webhooks acknowledged as
    new; then, unless ``--skip-crash``, the service is killed with SIGKILL under load and
    every event id it had acknowledged is looked up in the database.
+   Then, unless ``--wide-connections 0``, full speed again on that many connections (128)
+   against both, after the service's inbox has drained: on 32 connections, each with one
+   request in flight, the service's rate is bound by each request's wait for its commit, which
+   the bare handler does not have (see ``docs/design.md``, Inbound).
 4. unless ``--workers 1``, phases 1 and 2 again against ``connector serve --workers N``
    (default 2) on a fresh database.
 
@@ -601,15 +605,20 @@ def run_wrk(
 
 
 def full_speed(
-    args: argparse.Namespace, server: Server, factory: WebhookFactory, workdir: Path, pool: int
+    args: argparse.Namespace,
+    server: Server,
+    factory: WebhookFactory,
+    workdir: Path,
+    pool: int,
+    connections: int | None = None,
 ) -> LoadResult:
+    """``server`` at full speed on ``connections`` (``--connections``) keep-alive connections."""
     webhooks = factory.build(pool)
+    connections = connections or args.connections
     if args.use_wrk:
-        return run_wrk(
-            server.webhook_url, webhooks, args.duration, args.connections, workdir, server
-        )
+        return run_wrk(server.webhook_url, webhooks, args.duration, connections, workdir, server)
     return asyncio.run(
-        closed_loop(server.webhook_url, webhooks, args.duration, args.connections, server)
+        closed_loop(server.webhook_url, webhooks, args.duration, connections, server)
     )
 
 
@@ -707,9 +716,41 @@ class ServiceRun:
     fixed: LoadResult
     lags: list[float]
     stored: int
+    # Full speed on --wide-connections (one process only), None when skipped.
+    wide: LoadResult | None = None
 
 
-def print_service(args: argparse.Namespace, bare: LoadResult | None, run: ServiceRun) -> None:
+def print_wide(args: argparse.Namespace, bare: LoadResult | None, service: LoadResult) -> None:
+    """Both at full speed on more connections: with one request in flight a connection, the
+    service's rate is connections / latency, and each of its requests waits for a commit (the
+    bare handler's does not); on more connections the commits overlap the event loop's work,
+    and what is left of the gap is the receive path's CPU (docs/design.md, Inbound)."""
+    count = args.wide_connections
+    print(f"Full speed on {count} connections ({args.duration:g} s each)")
+    if bare is not None:
+        print(_row("bare aiohttp handler", _rate_line(bare)))
+    print(_row("service, processing on", _rate_line(service)))
+    if service.errors:
+        print(_row("service errors", _errors(service)))
+    if bare is not None:
+        ratio = service.rate / bare.rate if bare.rate else 0.0
+        print(_row("service / bare", f"{ratio:.2f}"))
+    print()
+
+
+def _rate_line(result: LoadResult) -> str:
+    return (
+        f"{result.rate:,.0f} req/s, p50 / p99 {result.percentile(50):.1f} / "
+        f"{result.percentile(99):.1f} ms"
+    )
+
+
+def print_service(
+    args: argparse.Namespace,
+    bare: LoadResult | None,
+    run: ServiceRun,
+    wide_bare: LoadResult | None = None,
+) -> None:
     name = "service" if run.workers == 1 else f"service --workers {run.workers}"
     service, fixed = run.loaded, run.fixed
     print_load(f"Full speed, {name}, processing on ({args.duration:g} s)", service)
@@ -729,6 +770,8 @@ def print_service(args: argparse.Namespace, bare: LoadResult | None, run: Servic
     drain = run.drain
     print(_row("background processing", f"inbox drained {drain[0]:.1f} s after, {drain[1]} left"))
     print()
+    if run.wide is not None:
+        print_wide(args, wide_bare, run.wide)
 
     scheduled = len(fixed.latencies_ms) + sum(fixed.errors.values())
     on_time = 1 - fixed.late_sends / max(scheduled, 1)
@@ -762,12 +805,17 @@ def print_service(args: argparse.Namespace, bare: LoadResult | None, run: Servic
 def committed(run: ServiceRun) -> tuple[bool, int]:
     """Whether every webhook acknowledged as new is stored, and how many were."""
     acked_new = run.loaded.acked - run.loaded.repeated + run.fixed.acked - run.fixed.duplicates
-    return run.stored >= acked_new and not run.loaded.repeated, acked_new
+    repeated = run.loaded.repeated
+    if run.wide is not None:
+        acked_new += run.wide.acked - run.wide.repeated
+        repeated += run.wide.repeated
+    return run.stored >= acked_new and not repeated, acked_new
 
 
 def print_report(
     args: argparse.Namespace,
     bare: LoadResult | None,
+    wide_bare: LoadResult | None,
     runs: list[ServiceRun],
     crash: LoadResult | None,
     database_url: str,
@@ -778,7 +826,7 @@ def print_report(
         print_load(f"Full speed, bare aiohttp handler ({args.duration:g} s)", bare)
         print()
     for run in runs:
-        print_service(args, bare, run)
+        print_service(args, bare, run, wide_bare)
 
     print("Durability")
     for run in runs:
@@ -835,11 +883,17 @@ def measure_service(
         loaded = full_speed(args, service, factory, workdir, pool)
         print("waiting for the background processor …", file=sys.stderr)
         drain = wait_drained(database_url, args.drain_timeout)
+        wide = None
+        if args.wide_connections and workers == 1:
+            connections = args.wide_connections
+            print(f"full speed on {connections} connections against the {label} …", file=sys.stderr)
+            wide = full_speed(args, service, factory, workdir, pool, connections)
+            wait_drained(database_url, args.drain_timeout)
         stored = stored_count(database_url)
     except BaseException:
         stop(service.process)
         raise
-    return ServiceRun(workers, loaded, drain, fixed, lags, stored), service
+    return ServiceRun(workers, loaded, drain, fixed, lags, stored, wide), service
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -864,6 +918,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=2,
         help="also measure `serve --workers N` (2; 1 skips it)",
     )
+    parser.add_argument(
+        "--wide-connections",
+        type=int,
+        default=128,
+        help="also run the bare handler and the service at full speed on this many "
+        "connections (128; 0 skips it)",
+    )
     parser.add_argument("--skip-bare", action="store_true", help="no bare-handler phase")
     parser.add_argument("--skip-crash", action="store_true", help="no SIGKILL check")
     parser.add_argument(
@@ -885,6 +946,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--database-url must be a postgresql+asyncpg:// URL")
     if args.duration <= 0 or args.rate <= 0 or args.connections < 1:
         parser.error("--duration and --rate must be positive, --connections at least 1")
+    if args.wide_connections < 0:
+        parser.error("--wide-connections must be 0 (skip) or more")
     has_wrk = shutil.which("wrk") is not None
     if args.client == "wrk" and not has_wrk:
         parser.error("--client wrk: wrk is not installed")
@@ -901,11 +964,18 @@ def main(argv: list[str] | None = None) -> int:
     # wrk cycles through a pool built beforehand; the Python client stops when its runs out.
     pool = int(args.duration * WRK_POOL_PER_SECOND_CAP)
     try:
-        bare = None
+        bare = wide_bare = None
         if not args.skip_bare:
             with bare_server(workdir) as server:
                 print("full speed against the bare handler …", file=sys.stderr)
                 bare = full_speed(args, server, factory, workdir, pool)
+                if args.wide_connections:
+                    connections = args.wide_connections
+                    print(
+                        f"full speed on {connections} connections against the bare handler …",
+                        file=sys.stderr,
+                    )
+                    wide_bare = full_speed(args, server, factory, workdir, pool, connections)
             if args.use_wrk:
                 # The service cannot beat the bare handler by much: a pool for its rate is
                 # enough (with room for several workers).
@@ -931,7 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     stop(service.process)
                     runs.append(run)
-            print_report(args, bare, runs, crash, crashed_database)
+            print_report(args, bare, wide_bare, runs, crash, crashed_database)
     finally:
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)
