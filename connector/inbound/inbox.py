@@ -208,32 +208,38 @@ class InboxWriter:
         ids stored and the webhooks are acknowledged as duplicates (stored once all the same)."""
         kept = bool(self._connections)
         connection, driver = self._connections.pop() if kept else await self._connect()
-        while True:
-            try:
-                rows = await driver.fetch(
-                    _POSTGRESQL_INSERT,
-                    [item.event_id for item in items],
-                    [item.body for item in items],
-                    [item.headers for item in items],
-                    received_at,
-                )
-            except Exception as exc:
-                if _refused_by_server(exc) and not driver.is_closed():
-                    # PostgreSQL refused the statement: the connection itself is fine.
-                    self._connections.append((connection, driver))
-                    raise
+        try:
+            return await self._insert(connection, driver, items, received_at)
+        except Exception as exc:
+            if not kept or _refused_by_server(exc):
+                raise
+        return await self._insert(*await self._connect(), items, received_at)
+
+    async def _insert(
+        self, connection: AsyncConnection, driver: Any, items: list[_Pending], received_at: datetime
+    ) -> set[str]:
+        """The statement on ``connection``, which goes back to the writer unless it failed."""
+        try:
+            rows = await driver.fetch(
+                _POSTGRESQL_INSERT,
+                [item.event_id for item in items],
+                [item.body for item in items],
+                [item.headers for item in items],
+                received_at,
+            )
+        except Exception as exc:
+            if _refused_by_server(exc) and not driver.is_closed():
+                # PostgreSQL refused the statement: the connection itself is fine.
+                self._connections.append((connection, driver))
+            else:
                 # Anything else (the connection ended, or asyncpg found it busy with a message
                 # the server sent unasked, as after pg_terminate_backend): not used again.
                 with contextlib.suppress(Exception):
                     await connection.invalidate()
                     await connection.close()
-                if not kept:
-                    raise
-                kept = False
-                connection, driver = await self._connect()
-                continue
-            self._connections.append((connection, driver))
-            return {row[0] for row in rows}
+            raise
+        self._connections.append((connection, driver))
+        return {row[0] for row in rows}
 
     async def _connect(self) -> tuple[AsyncConnection, Any]:
         """A new connection for the writer, in autocommit mode, with its asyncpg connection."""
