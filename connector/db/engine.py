@@ -48,6 +48,9 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     # `connector sync --once` beside `serve`, still wait for the lock with the busy timeout.
     kwargs.setdefault("pool_size", 1)
     kwargs.setdefault("max_overflow", 0)
+    # aiosqlite runs the connection on a thread of its own; the webhook inbox also writes on
+    # the event loop's thread while it has the connection checked out (inbound/inbox.py).
+    kwargs.setdefault("connect_args", {"check_same_thread": False})
     # The pool's own reset rolls back every connection it gets back; _on_reset does it only
     # when a transaction is open.
     kwargs.setdefault("pool_reset_on_return", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +20,7 @@ import asyncpg
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 
+from connector.db.engine import SQLITE_BUSY_TIMEOUT_MS
 from connector.db.models import WebhookDelivery
 from connector.db.types import utcnow
 from connector.rules.failures import is_transient
@@ -36,6 +38,10 @@ GROUP_SIZE_WEIGHT = 0.2
 POSTGRESQL_GROUPS_IN_FLIGHT = 4
 # How long the SQLite writer keeps the connection while groups keep coming (see _run_sqlite).
 HOLD_SECONDS = 0.02
+# Turns of the event loop the SQLite writer waits for the next group before it gives the
+# connection back: a group written on the loop's thread leaves the queue empty, and the next
+# requests' handlers run a turn or two later (see _arriving).
+ARRIVAL_TURNS = 2
 # One INSERT carries at most this many rows (SQLite's variable limit allows ~32,000 / 5 columns).
 MAX_GROUP = 500
 
@@ -120,7 +126,8 @@ class InboxWriter:
         The connection is kept while groups keep coming, for at most :data:`HOLD_SECONDS`:
         checking the process's one connection out and back in costs the event loop about as
         much as writing a group (some 35 µs), and between holds the connection's other users
-        (processing, the API) get their turn."""
+        (processing, the API) get their turn. While it is kept, groups are written on the
+        event loop's own thread (:class:`_SQLiteTarget`)."""
         assert self._engine is not None
         while True:
             group = self._next_group(await self._queue.get())
@@ -128,19 +135,32 @@ class InboxWriter:
             try:
                 async with self._engine.connect() as connection:
                     driver = (await connection.get_raw_connection()).driver_connection
-                    until = time.monotonic() + HOLD_SECONDS
-                    # A webhook's received_at is when the commit holding it starts: before its
-                    # 200, and at most a commit's time after it arrived.
-                    while await self._commit(group, utcnow(), driver):
-                        if self._queue.empty() or time.monotonic() >= until:
-                            break
-                        group = self._next_group(self._queue.get_nowait())
+                    with _SQLiteTarget(driver) as target:
+                        until = time.monotonic() + HOLD_SECONDS
+                        # A webhook's received_at is when the commit holding it starts: before
+                        # its 200, and at most a commit's time after it arrived.
+                        while await self._commit(group, utcnow(), target):
+                            if not await self._arriving(until):
+                                break
+                            group = self._next_group(self._queue.get_nowait())
             except Exception as exc:
                 # No connection to be had (or it failed on its way back): those still waiting
                 # fail with the reason.
                 _fail(group, exc)
             finally:
                 self._writing = False
+
+    async def _arriving(self, until: float) -> bool:
+        """Whether webhooks are queued, or are within :data:`ARRIVAL_TURNS` turns of the event
+        loop, before ``until``. A group written on the loop's thread leaves nothing queued:
+        requests read meanwhile reach the inbox when their handlers run, a turn or two later."""
+        for _ in range(ARRIVAL_TURNS):
+            if not self._queue.empty():
+                return True
+            if time.monotonic() >= until:
+                return False
+            await asyncio.sleep(0)
+        return not self._queue.empty()
 
     async def _run_postgresql(self) -> None:
         while True:
@@ -158,20 +178,20 @@ class InboxWriter:
             self._slots.release()
 
     async def _commit(
-        self, group: list[_Pending], received_at: datetime, driver: Any = None
+        self, group: list[_Pending], received_at: datetime, target: _SQLiteTarget | None = None
     ) -> bool:
-        """Write ``group`` (on SQLite with ``driver``, the raw connection) and settle each
+        """Write ``group`` (on SQLite through ``target``) and settle each
         webhook's future; whether it was written whole. When the group fails as a whole, its
         webhooks are written one by one, so only one the database refuses fails (and its
         neighbours in the group are still acknowledged)."""
         try:
-            inserted = await self._write(group, received_at, driver)
+            inserted = await self._write(group, received_at, target)
         except Exception as exc:
             if len(group) == 1 or is_unavailable(exc):
                 _fail(group, exc)
                 return False
             for item in group:
-                await self._commit([item], received_at, driver)
+                await self._commit([item], received_at, target)
             return False
         for item in group:
             if not item.done.done():
@@ -179,14 +199,14 @@ class InboxWriter:
         return True
 
     async def _write(
-        self, group: list[_Pending], received_at: datetime, driver: Any
+        self, group: list[_Pending], received_at: datetime, target: _SQLiteTarget | None
     ) -> set[_Pending]:
         """Insert the group; returns the items that were new (the first of each event id)."""
         first: dict[str, _Pending] = {}
         for item in group:
             first.setdefault(item.event_id, item)
-        if driver is not None:
-            stored = await self._write_sqlite(list(first.values()), received_at, driver)
+        if target is not None:
+            stored = await self._write_sqlite(list(first.values()), received_at, target)
         else:
             stored = await self._write_postgresql(list(first.values()), received_at)
         return {first[event_id] for event_id in stored}
@@ -249,18 +269,14 @@ class InboxWriter:
         return connection, (await connection.get_raw_connection()).driver_connection
 
     async def _write_sqlite(
-        self, items: list[_Pending], received_at: datetime, driver: Any
+        self, items: list[_Pending], received_at: datetime, target: _SQLiteTarget
     ) -> set[str]:
-        """The same INSERT as one statement on the driver's connection, in autocommit mode.
+        """The same INSERT as one statement in autocommit mode, through ``target``.
 
         A single statement is a transaction of its own in SQLite (taking the write lock when it
-        starts, waiting for it with the busy timeout), so this commits exactly like
-        :meth:`_write_postgresql` does. But it costs one round trip to aiosqlite's thread instead of
-        about nine (BEGIN, cursor, execute, fetch, close, COMMIT, ...), each of which waits for
-        the event loop, which is busy receiving webhooks: at low rates that was most of the
-        cost of a webhook, and under load most of its latency. The time goes through the column's
-        own bind processor, so it is stored exactly as SQLAlchemy stores it (the headers are
-        JSON text already).
+        starts), so this commits exactly like :meth:`_write_postgresql` does. The time goes
+        through the column's own bind processor, so it is stored exactly as SQLAlchemy stores
+        it (the headers are JSON text already).
         """
         bind = self._bind_received
         received = bind(received_at) if bind else received_at
@@ -269,11 +285,82 @@ class InboxWriter:
         parameters: list[Any] = []
         for item in items:
             parameters += (item.event_id, item.body, item.headers, received, "pending")
-        rows = await driver.execute_fetchall(_sqlite_insert_sql(len(items)), parameters)
-        if driver.in_transaction:
-            # Not in autocommit mode after all: the statement opened a transaction.
-            await driver.commit()
+        rows = await target.execute(_sqlite_insert_sql(len(items)), parameters)
         return {row[0] for row in rows}
+
+
+class _SQLiteTarget:
+    """Where the inbox's statements run on SQLite while the writer keeps the connection: on
+    the event loop's own thread when SQLite's write lock is free, else on aiosqlite's thread,
+    which waits for it.
+
+    A group's INSERT takes SQLite some 5 µs a webhook. Sent to aiosqlite's thread it cost
+    more than that in hops (a queue, the thread's wait for the GIL, a wake-up of the event
+    loop, a turn of it), and every request of the group waited for them while the loop, with
+    nothing else to do, idled: under load the receiver moved in step with its commits. On the
+    loop's thread the group is written and its requests answered in the next turn. The
+    busy timeout is 0 meanwhile, so the loop never waits for the lock: when another process
+    (``serve --workers``, a CLI command) holds it, the statement is handed to aiosqlite's
+    thread with the usual timeout. The process's other transactions cannot hold it: they
+    would need this connection, the process's only one.
+    """
+
+    def __init__(self, driver: Any):
+        self._driver = driver
+        self._connection = _loop_connection(driver)
+
+    def __enter__(self) -> _SQLiteTarget:
+        self._busy_timeout(0)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._busy_timeout(SQLITE_BUSY_TIMEOUT_MS)
+
+    def _busy_timeout(self, milliseconds: int) -> None:
+        if self._connection is not None:
+            self._connection.execute(f"PRAGMA busy_timeout = {milliseconds}")
+
+    async def execute(self, sql: str, parameters: list[Any]) -> list[Any]:
+        """The statement's rows, committed (autocommit: one statement, one transaction)."""
+        if self._connection is not None:
+            try:
+                return self._connection.execute(sql, parameters).fetchall()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+            # Another process is writing: nothing was written (a statement that cannot take
+            # the write lock does nothing); wait for the lock off the loop's thread.
+            self._busy_timeout(SQLITE_BUSY_TIMEOUT_MS)
+            try:
+                return list(await self._driver.execute_fetchall(sql, parameters))
+            finally:
+                self._busy_timeout(0)
+        rows = await self._driver.execute_fetchall(sql, parameters)
+        if self._driver.in_transaction:
+            # Not in autocommit mode after all: the statement opened a transaction.
+            await self._driver.commit()
+        return list(rows)
+
+
+def _loop_connection(driver: Any) -> sqlite3.Connection | None:
+    """aiosqlite's ``sqlite3`` connection, usable from the event loop's thread (the engine
+    opens it with ``check_same_thread=False``) and in autocommit mode; None otherwise, and the
+    inbox then writes on aiosqlite's thread."""
+    try:
+        connection = driver._conn  # aiosqlite keeps it private; tests/db pin that it is there
+    except (AttributeError, ValueError):
+        return None
+    if not isinstance(connection, sqlite3.Connection) or connection.isolation_level is not None:
+        return None
+    return connection
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused the statement because another connection holds the lock."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return "locked" in str(exc)
+    return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 _POSTGRESQL_INSERT = (
@@ -282,9 +369,12 @@ _POSTGRESQL_INSERT = (
     "FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS given (event_id, body, headers) "
     "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
 )
-# What asyncpg raises when the connection or the server is unavailable (through SQLAlchemy these
-# would arrive as the OperationalError and InterfaceError that is_transient knows).
-_ASYNCPG_UNAVAILABLE = (
+# What the drivers raise when the database is unavailable (the inbox writes without SQLAlchemy,
+# through which these would arrive as the OperationalError and InterfaceError that is_transient
+# knows): sqlite3's for a lock held too long or an I/O error, asyncpg's for the connection or
+# the server.
+_UNAVAILABLE = (
+    sqlite3.OperationalError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
@@ -297,7 +387,7 @@ _ASYNCPG_UNAVAILABLE = (
 
 def is_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database is unavailable for now, not that it refused a row."""
-    return is_transient(exc) or isinstance(exc, _ASYNCPG_UNAVAILABLE)
+    return is_transient(exc) or isinstance(exc, _UNAVAILABLE)
 
 
 def _refused_by_server(exc: BaseException) -> bool:

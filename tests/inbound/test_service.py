@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -445,6 +446,37 @@ async def test_inbox_takes_a_new_connection_when_postgresql_drops_its_own(start_
     again = await post_webhook(client, path, webhook("after-1", customer_id="c1"))
     assert (again.status, await again.json()) == (200, {"ok": True, "duplicate": True})
     assert (await wait_processed(client, 4))["deliveries"] == {"processed": 4}
+
+
+# A loop that waited for the lock itself would be stuck for the whole busy timeout (30 s).
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_inbox_waits_for_a_write_lock_another_process_holds_without_blocking(
+    start_app, db_url
+):
+    client = await start_app()
+    path = await webhook_path(client)
+    assert (await post_webhook(client, path, webhook("first", customer_id="c1"))).status == 200
+    # Another process (`serve --workers`, a CLI command) is in the middle of a write.
+    other = sqlite3.connect(db_url.split(":///", 1)[1], isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        waiting = asyncio.create_task(
+            post_webhook(client, path, webhook("during", customer_id="c1"))
+        )
+        await asyncio.sleep(0.3)
+        # The webhook waits for the lock, off the event loop: the service still answers.
+        assert not waiting.done()
+        assert (await client.get("/healthz")).status == 200
+        assert not waiting.done()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    resp = await waiting
+    assert (resp.status, await resp.json()) == (200, {"ok": True})
+    again = await post_webhook(client, path, webhook("during", customer_id="c1"))
+    assert await again.json() == {"ok": True, "duplicate": True}
+    assert (await wait_processed(client, 2))["deliveries"] == {"processed": 2}
 
 
 async def test_inbound_other_methods_get_405(start_app):
