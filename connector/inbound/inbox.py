@@ -52,6 +52,8 @@ class _Pending:
     body: str
     # The kept headers, already JSON (orjson: a tenth of what the column's encoder costs).
     headers: str
+    # time.monotonic() when it arrived.
+    arrived: float
     done: asyncio.Future[bool] = field(repr=False)
 
 
@@ -105,18 +107,28 @@ class InboxWriter:
     async def store(self, event_id: str, body: str, headers: dict[str, str]) -> bool:
         """Commit one delivery; False when that event id was stored before (a duplicate)."""
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._last_arrival = time.monotonic()
-        self._queue.put_nowait(_Pending(event_id, body, orjson.dumps(headers).decode(), done))
+        self._last_arrival = arrived = time.monotonic()
+        headers_json = orjson.dumps(headers).decode()
+        self._queue.put_nowait(_Pending(event_id, body, headers_json, arrived, done))
         return await done
 
     async def _run(self) -> None:
         await (self._run_sqlite() if self._parallel == 1 else self._run_postgresql())
 
-    def _next_group(self, first: _Pending) -> list[_Pending]:
+    def _next_group(self, first: _Pending, waited_since: float | None = None) -> list[_Pending]:
+        """``first`` and what is queued after it, counted in :attr:`load`. With
+        ``waited_since`` (when the SQLite writer began to wait for the connection), only the
+        webhooks that arrived before count: those that arrived while processing had the
+        connection queued behind its transaction, not behind the inbox's commits, and counted,
+        each processing batch would make the processor give way as if the receiver were
+        saturated."""
         group = [first]
         while not self._queue.empty() and len(group) < MAX_GROUP:
             group.append(self._queue.get_nowait())
-        self._group_size += GROUP_SIZE_WEIGHT * (len(group) - self._group_size)
+        size = len(group)
+        if waited_since is not None:
+            size = sum(1 for item in group if item.arrived <= waited_since)
+        self._group_size += GROUP_SIZE_WEIGHT * (size - self._group_size)
         return group
 
     async def _run_sqlite(self) -> None:
@@ -130,11 +142,13 @@ class InboxWriter:
         event loop's own thread (:class:`_SQLiteTarget`)."""
         assert self._engine is not None
         while True:
-            group = self._next_group(await self._queue.get())
+            first = await self._queue.get()
             self._writing = True
+            group, waited_since = [first], time.monotonic()
             try:
                 async with self._engine.connect() as connection:
                     driver = (await connection.get_raw_connection()).driver_connection
+                    group = self._next_group(first, waited_since)
                     with _SQLiteTarget(driver) as target:
                         until = time.monotonic() + HOLD_SECONDS
                         # A webhook's received_at is when the commit holding it starts: before
