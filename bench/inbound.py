@@ -11,25 +11,27 @@ Prints figures, asserts nothing. Every server runs in a process of its own, on 1
 
 This process is the load generator. The webhooks (the reporting fixtures in
 ``tests/fixtures``, each with an event id of its own, signed with the current time) are built
-before any clock starts. The phases:
+before any clock starts. The phases, for the service with one process:
 
-1. **full speed**: ``--connections`` keep-alive connections, each sending its next webhook as
-   soon as the previous one is answered, for ``--duration`` seconds; first against the bare
-   server, then against the service (after its fixed-rate phase). ``wrk`` does this when it
-   is installed (much cheaper per request than a Python client, which matters on a small
-   machine where client and server share the cores); otherwise an aiohttp client.
-2. **fixed rate**: ``--rate`` webhooks a second against the service (on its fresh database,
-   before its full-speed phase), open loop (each is sent at its scheduled time whether or not
-   earlier ones were answered), latency counted from the scheduled time.
-   Once the processor has caught up, the **processing lag** of those webhooks (arrival to
-   tracked event: ``tracked_events.created_at`` minus ``webhook_deliveries.received_at``).
+1. **fixed rate**: ``--rate`` webhooks a second against the service, on its fresh database,
+   open loop (each is sent at its scheduled time whether or not earlier ones were answered),
+   latency counted from the scheduled time. Once the processor has caught up, the
+   **processing lag** of those webhooks (arrival to tracked event:
+   ``tracked_events.created_at`` minus ``webhook_deliveries.received_at``).
+2. **full speed**: ``--connections`` keep-alive connections, each sending its next webhook as
+   soon as the previous one is answered, against the bare server and the service in turns
+   (``--rounds`` of each, ``--duration`` seconds in all for each server): this machine's speed
+   drifts by tens of percent within a minute, and measured in turns both servers see the same
+   drift. After each turn of the service its processor empties the inbox before the next turn.
+   ``wrk`` generates this load when it is installed (much cheaper per request than a Python
+   client, which matters on a small machine where client and server share the cores);
+   otherwise an aiohttp client. Then, unless ``--wide-connections 0``, the same on that many
+   connections (128): on 32 connections, each with one request in flight, the service's rate
+   is also bound by each request's wait for its commit, which the bare handler does not have
+   (see ``docs/design.md``, Inbound).
 3. **durability**: the rows in ``webhook_deliveries`` against the webhooks acknowledged as
    new; then, unless ``--skip-crash``, the service is killed with SIGKILL under load and
    every event id it had acknowledged is looked up in the database.
-   Then, unless ``--wide-connections 0``, full speed again on that many connections (128)
-   against both, after the service's inbox has drained: on 32 connections, each with one
-   request in flight, the service's rate is bound by each request's wait for its commit, which
-   the bare handler does not have (see ``docs/design.md``, Inbound).
 4. unless ``--workers 1``, phases 1 and 2 again against ``connector serve --workers N``
    (default 2) on a fresh database.
 
@@ -47,6 +49,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -506,6 +509,17 @@ async def fixed_rate(
     return result
 
 
+def run_client(coroutine: Any) -> Any:
+    """Run a load-generating coroutine on the loop the servers run on (uvloop where installed):
+    asyncio's own loop costs the client about a third more a request, which on two cores is
+    taken from the server, and at a fixed rate shows as late sends."""
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
+
+
 def _cpu_delta(server: Server | None, before: float | None) -> float | None:
     after = server.cpu() if server else None
     return None if before is None or after is None else after - before
@@ -610,16 +624,100 @@ def full_speed(
     factory: WebhookFactory,
     workdir: Path,
     pool: int,
-    connections: int | None = None,
+    seconds: float,
+    connections: int,
 ) -> LoadResult:
-    """``server`` at full speed on ``connections`` (``--connections``) keep-alive connections."""
+    """``server`` at full speed for ``seconds`` on ``connections`` keep-alive connections."""
     webhooks = factory.build(pool)
-    connections = connections or args.connections
     if args.use_wrk:
-        return run_wrk(server.webhook_url, webhooks, args.duration, connections, workdir, server)
-    return asyncio.run(
-        closed_loop(server.webhook_url, webhooks, args.duration, connections, server)
-    )
+        return run_wrk(server.webhook_url, webhooks, seconds, connections, workdir, server)
+    return run_client(closed_loop(server.webhook_url, webhooks, seconds, connections, server))
+
+
+def merged(results: list[LoadResult]) -> LoadResult:
+    """Several runs against one server as one: counts and times added; with wrk, which keeps
+    no list of latencies, p50 and p99 are the median of the runs' own, max the largest."""
+    total = LoadResult(results[0].client, sum(r.seconds for r in results))
+    for result in results:
+        total.sent += result.sent
+        total.acked += result.acked
+        total.duplicates += result.duplicates
+        total.errors.update(result.errors)
+        total.latencies_ms += result.latencies_ms
+        total.acked_ids += result.acked_ids
+        total.repeated += result.repeated
+        for name in ("client_cpu", "server_cpu"):
+            value = getattr(result, name)
+            if value is not None:
+                setattr(total, name, (getattr(total, name) or 0.0) + value)
+    if all(result.percentiles_ms for result in results):
+        for p in ("50", "99"):
+            total.percentiles_ms[p] = statistics.median(r.percentiles_ms[p] for r in results)
+        total.percentiles_ms["max"] = max(r.percentiles_ms["max"] for r in results)
+    return total
+
+
+@dataclass
+class Paired:
+    """Full speed against the bare handler and the service, in turns (see :func:`paired`)."""
+
+    bare: LoadResult | None
+    service: LoadResult
+    # (bare, service) req/s of each round.
+    rounds: list[tuple[float, float]]
+    # The longest wait for the inbox to drain after a turn of the service, and what was left.
+    drained: tuple[float, int]
+
+    @property
+    def ratio(self) -> float | None:
+        if self.bare is None or not self.bare.rate:
+            return None
+        return self.service.rate / self.bare.rate
+
+    @property
+    def round_ratios(self) -> list[float]:
+        return sorted(service / bare for bare, service in self.rounds if bare)
+
+
+def paired(
+    args: argparse.Namespace,
+    bare: Server | None,
+    service: Server,
+    database_url: str,
+    factory: WebhookFactory,
+    workdir: Path,
+    connections: int,
+) -> Paired:
+    """The bare handler and the service at full speed in turns: ``--rounds`` rounds of
+    ``--duration / --rounds`` seconds each, the bare handler first in even rounds and second in
+    odd ones. This machine's speed drifts by tens of percent within a minute (other tenants of
+    the host); measured in turns, both servers see the same drift, which one phase each did
+    not. After each turn of the service, its processor drains the inbox before the next turn
+    of either server, so that neither pays for the backlog of the last."""
+    seconds = args.duration / args.rounds
+    if args.use_wrk:
+        seconds = max(1, round(seconds))  # wrk takes whole seconds
+    pool = int(seconds * WRK_POOL_PER_SECOND_CAP)
+    results: dict[str, list[LoadResult]] = {"bare": [], "service": []}
+    rounds: list[tuple[float, float]] = []
+    drained = (0.0, 0)
+    for number in range(args.rounds):
+        turns = [("bare", bare), ("service", service)]
+        if number % 2:
+            turns.reverse()
+        rates = {"bare": 0.0}
+        for name, server in turns:
+            if server is None:
+                continue
+            result = full_speed(args, server, factory, workdir, pool, seconds, connections)
+            results[name].append(result)
+            rates[name] = result.rate
+            if server is service:
+                waited = wait_drained(database_url, args.drain_timeout)
+                drained = max(drained, waited)
+        rounds.append((rates["bare"], rates["service"]))
+    bare_result = merged(results["bare"]) if results["bare"] else None
+    return Paired(bare_result, merged(results["service"]), rounds, drained)
 
 
 def crash_check(service: Server, factory: WebhookFactory, args: argparse.Namespace) -> LoadResult:
@@ -640,7 +738,7 @@ def crash_check(service: Server, factory: WebhookFactory, args: argparse.Namespa
         await kill
         return result
 
-    result = asyncio.run(load_then_kill())
+    result = run_client(load_then_kill())
     service.process.wait(timeout=10)
     return result
 
@@ -708,70 +806,69 @@ def print_header(args: argparse.Namespace) -> None:
 
 @dataclass
 class ServiceRun:
-    """What one service (one process, or ``--workers N``) did in phases 1 and 2."""
+    """What one service (one process, or ``--workers N``) did, with the bare handler's turns."""
 
     workers: int
-    loaded: LoadResult
-    drain: tuple[float, int]
+    loaded: Paired
     fixed: LoadResult
     lags: list[float]
     stored: int
     # Full speed on --wide-connections (one process only), None when skipped.
-    wide: LoadResult | None = None
-
-
-def print_wide(args: argparse.Namespace, bare: LoadResult | None, service: LoadResult) -> None:
-    """Both at full speed on more connections: with one request in flight a connection, the
-    service's rate is connections / latency, and each of its requests waits for a commit (the
-    bare handler's does not); on more connections the commits overlap the event loop's work,
-    and what is left of the gap is the receive path's CPU (docs/design.md, Inbound)."""
-    count = args.wide_connections
-    print(f"Full speed on {count} connections ({args.duration:g} s each)")
-    if bare is not None:
-        print(_row("bare aiohttp handler", _rate_line(bare)))
-    print(_row("service, processing on", _rate_line(service)))
-    if service.errors:
-        print(_row("service errors", _errors(service)))
-    if bare is not None:
-        ratio = service.rate / bare.rate if bare.rate else 0.0
-        print(_row("service / bare", f"{ratio:.2f}"))
-    print()
+    wide: Paired | None = None
 
 
 def _rate_line(result: LoadResult) -> str:
-    return (
-        f"{result.rate:,.0f} req/s, p50 / p99 {result.percentile(50):.1f} / "
-        f"{result.percentile(99):.1f} ms"
+    line = (
+        f"{result.acked:,} in {result.seconds:.1f} s = {result.rate:,.0f} req/s, "
+        f"p50 / p99 {result.percentile(50):.1f} / {result.percentile(99):.1f} ms"
     )
+    if result.server_cpu is not None and result.seconds:
+        line += f", {result.server_cpu / result.seconds:.2f} cores"
+    return line
 
 
-def print_service(
-    args: argparse.Namespace,
-    bare: LoadResult | None,
-    run: ServiceRun,
-    wide_bare: LoadResult | None = None,
-) -> None:
-    name = "service" if run.workers == 1 else f"service --workers {run.workers}"
-    service, fixed = run.loaded, run.fixed
-    print_load(f"Full speed, {name}, processing on ({args.duration:g} s)", service)
-    if service.repeated:
-        print(_row("NOTE", f"{service.repeated:,} sends reused an event id (pool too small)"))
-    if bare is not None:
-        ratio = service.rate / bare.rate if bare.rate else 0.0
-        # The target is for one process; N workers are compared with one bare process too.
-        target = (f"≥ {TARGET_RATIO}", ratio >= TARGET_RATIO) if run.workers == 1 else ("", None)
+def print_paired(title: str, name: str, loaded: Paired, target: bool) -> None:
+    """The bare handler and the service in turns: each one's figures, their ratio (of the
+    totals: both saw the same stretches of this machine's drift) and its spread by round."""
+    seconds = loaded.service.seconds / max(len(loaded.rounds), 1)
+    print(f"{title} ({len(loaded.rounds)} rounds of {seconds:.0f} s each, in turns)")
+    if loaded.bare is not None:
+        print(_row("bare aiohttp handler", _rate_line(loaded.bare)))
+        if loaded.bare.errors:
+            print(_row("bare handler errors", _errors(loaded.bare)))
+    print(_row(f"{name}, processing on", _rate_line(loaded.service)))
+    print(_row("errors", _errors(loaded.service)))
+    if loaded.service.repeated:
+        print(
+            _row("NOTE", f"{loaded.service.repeated:,} sends reused an event id (pool too small)")
+        )
+    ratio = loaded.ratio
+    if ratio is not None:
+        met = (f"≥ {TARGET_RATIO}", ratio >= TARGET_RATIO) if target else ("", None)
+        print(_row("service / bare", f"{ratio:.2f}", *met))
+        spread = loaded.round_ratios
         print(
             _row(
-                "service / bare",
-                f"{ratio:.2f} ({service.rate:,.0f} / {bare.rate:,.0f} req/s)",
-                *target,
+                "by round",
+                f"median {statistics.median(spread):.2f}, {spread[0]:.2f} to {spread[-1]:.2f}",
             )
         )
-    drain = run.drain
-    print(_row("background processing", f"inbox drained {drain[0]:.1f} s after, {drain[1]} left"))
+    waited, left = loaded.drained
+    print(_row("background processing", f"inbox drained ≤ {waited:.1f} s after each turn"))
+    if left:
+        print(_row("NOTE", f"{left:,} still pending after --drain-timeout"))
     print()
+
+
+def print_service(args: argparse.Namespace, run: ServiceRun) -> None:
+    name = "service" if run.workers == 1 else f"service --workers {run.workers}"
+    fixed = run.fixed
+    # The target is for one process; N workers are compared with one bare process too.
+    print_paired(f"Full speed, {args.connections} connections", name, run.loaded, run.workers == 1)
     if run.wide is not None:
-        print_wide(args, wide_bare, run.wide)
+        # With one request in flight a connection, the rate is connections / latency, and each
+        # of the service's requests waits for a commit (docs/design.md, Inbound).
+        print_paired(f"Full speed, {args.wide_connections} connections", name, run.wide, False)
 
     scheduled = len(fixed.latencies_ms) + sum(fixed.errors.values())
     on_time = 1 - fixed.late_sends / max(scheduled, 1)
@@ -804,29 +901,25 @@ def print_service(
 
 def committed(run: ServiceRun) -> tuple[bool, int]:
     """Whether every webhook acknowledged as new is stored, and how many were."""
-    acked_new = run.loaded.acked - run.loaded.repeated + run.fixed.acked - run.fixed.duplicates
-    repeated = run.loaded.repeated
-    if run.wide is not None:
-        acked_new += run.wide.acked - run.wide.repeated
-        repeated += run.wide.repeated
+    acked_new = run.fixed.acked - run.fixed.duplicates
+    repeated = 0
+    for loaded in (run.loaded, run.wide):
+        if loaded is not None:
+            acked_new += loaded.service.acked - loaded.service.repeated
+            repeated += loaded.service.repeated
     return run.stored >= acked_new and not repeated, acked_new
 
 
 def print_report(
     args: argparse.Namespace,
-    bare: LoadResult | None,
-    wide_bare: LoadResult | None,
     runs: list[ServiceRun],
     crash: LoadResult | None,
     database_url: str,
 ) -> None:
     print_header(args)
     print()
-    if bare is not None:
-        print_load(f"Full speed, bare aiohttp handler ({args.duration:g} s)", bare)
-        print()
     for run in runs:
-        print_service(args, bare, run, wide_bare)
+        print_service(args, run)
 
     print("Durability")
     for run in runs:
@@ -861,11 +954,12 @@ def measure_service(
     args: argparse.Namespace,
     factory: WebhookFactory,
     workdir: Path,
-    pool: int,
     database_url: str,
     workers: int,
+    bare: Server | None,
 ) -> tuple[ServiceRun, Server]:
-    """Phases 1 and 2 against a service with ``workers`` processes; the caller stops it."""
+    """The service with ``workers`` processes at the fixed rate, then at full speed in turns
+    with ``bare``; the caller stops it."""
     label = "service" if workers == 1 else f"service-{workers}"
     service = start_service(workdir, database_url, label, workers)
     try:
@@ -874,26 +968,23 @@ def measure_service(
         # for, autovacuum), which at 1,000/s showed as commits of 30-190 ms.
         print(f"{args.rate:g} req/s against the {label} …", file=sys.stderr)
         webhooks = factory.build(int(args.rate * args.duration))
-        fixed = asyncio.run(
+        fixed = run_client(
             fixed_rate(service.webhook_url, webhooks, args.rate, args.connections, service)
         )
         wait_drained(database_url, args.drain_timeout)
         lags = processing_lags(database_url, fixed.acked_ids)
-        print(f"full speed against the {label} …", file=sys.stderr)
-        loaded = full_speed(args, service, factory, workdir, pool)
-        print("waiting for the background processor …", file=sys.stderr)
-        drain = wait_drained(database_url, args.drain_timeout)
+        print(f"full speed against the bare handler and the {label} in turns …", file=sys.stderr)
+        loaded = paired(args, bare, service, database_url, factory, workdir, args.connections)
         wide = None
         if args.wide_connections and workers == 1:
             connections = args.wide_connections
-            print(f"full speed on {connections} connections against the {label} …", file=sys.stderr)
-            wide = full_speed(args, service, factory, workdir, pool, connections)
-            wait_drained(database_url, args.drain_timeout)
+            print(f"the same on {connections} connections …", file=sys.stderr)
+            wide = paired(args, bare, service, database_url, factory, workdir, connections)
         stored = stored_count(database_url)
     except BaseException:
         stop(service.process)
         raise
-    return ServiceRun(workers, loaded, drain, fixed, lags, stored, wide), service
+    return ServiceRun(workers, loaded, fixed, lags, stored, wide), service
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -905,6 +996,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(prints figures)."
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase (10)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="full speed: the phase's seconds split in this many turns of each server (5)",
+    )
     parser.add_argument("--rate", type=float, default=1000.0, help="fixed-rate req/s (1,000)")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections (32)")
     parser.add_argument(
@@ -944,8 +1041,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.database_url and not args.database_url.startswith("postgresql+asyncpg://"):
         parser.error("--database-url must be a postgresql+asyncpg:// URL")
-    if args.duration <= 0 or args.rate <= 0 or args.connections < 1:
-        parser.error("--duration and --rate must be positive, --connections at least 1")
+    if args.duration <= 0 or args.rate <= 0 or args.connections < 1 or args.rounds < 1:
+        parser.error("--duration and --rate must be positive, --connections and --rounds 1+")
     if args.wide_connections < 0:
         parser.error("--wide-connections must be 0 (skip) or more")
     has_wrk = shutil.which("wrk") is not None
@@ -961,47 +1058,30 @@ def main(argv: list[str] | None = None) -> int:
         return run_bare_server(args.bare_server)
     workdir = Path(tempfile.mkdtemp(prefix="bench-inbound-"))
     factory = WebhookFactory()
-    # wrk cycles through a pool built beforehand; the Python client stops when its runs out.
-    pool = int(args.duration * WRK_POOL_PER_SECOND_CAP)
     try:
-        bare = wide_bare = None
-        if not args.skip_bare:
-            with bare_server(workdir) as server:
-                print("full speed against the bare handler …", file=sys.stderr)
-                bare = full_speed(args, server, factory, workdir, pool)
-                if args.wide_connections:
-                    connections = args.wide_connections
-                    print(
-                        f"full speed on {connections} connections against the bare handler …",
-                        file=sys.stderr,
-                    )
-                    wide_bare = full_speed(args, server, factory, workdir, pool, connections)
-            if args.use_wrk:
-                # The service cannot beat the bare handler by much: a pool for its rate is
-                # enough (with room for several workers).
-                pool = min(pool, int(bare.rate * args.duration * 1.5) + 1000)
-        runs = []
-        with scratch_database(args.database_url, workdir / "bench.db") as database_url:
-            run, service = measure_service(args, factory, workdir, pool, database_url, 1)
-            runs.append(run)
-            try:
-                crash = None
-                if not args.skip_crash:
-                    print("SIGKILL under load …", file=sys.stderr)
-                    crash = crash_check(service, factory, args)
-            finally:
-                stop(service.process)
-            crashed_database = database_url
-            if args.workers > 1:
-                with scratch_database(
-                    args.database_url, workdir / "bench-workers.db"
-                ) as workers_url:
-                    run, service = measure_service(
-                        args, factory, workdir, pool, workers_url, args.workers
-                    )
+        with contextlib.ExitStack() as servers:
+            bare = None if args.skip_bare else servers.enter_context(bare_server(workdir))
+            runs = []
+            with scratch_database(args.database_url, workdir / "bench.db") as database_url:
+                run, service = measure_service(args, factory, workdir, database_url, 1, bare)
+                runs.append(run)
+                try:
+                    crash = None
+                    if not args.skip_crash:
+                        print("SIGKILL under load …", file=sys.stderr)
+                        crash = crash_check(service, factory, args)
+                finally:
                     stop(service.process)
-                    runs.append(run)
-            print_report(args, bare, wide_bare, runs, crash, crashed_database)
+                if args.workers > 1:
+                    with scratch_database(
+                        args.database_url, workdir / "bench-workers.db"
+                    ) as workers_url:
+                        run, service = measure_service(
+                            args, factory, workdir, workers_url, args.workers, bare
+                        )
+                        stop(service.process)
+                        runs.append(run)
+                print_report(args, runs, crash, database_url)
     finally:
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)
