@@ -8,6 +8,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
+from connector.db.checkpoints import WalCheckpointer
+
 # A writer waits this long for another process (e.g. `connector sync --once` beside `serve`)
 # to finish its transaction before SQLite gives up with "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -67,15 +69,27 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
             dbapi_connection.rollback()
 
     @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
+        wal = cursor.fetchone()[0] == "wal"  # not for an in-memory database
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        if wal:
+            # Commits never checkpoint: a thread beside the connection does (db/checkpoints).
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
+            checkpointer = record.info["checkpointer"] = WalCheckpointer(engine.url.database)
+            checkpointer.start()
         cursor.close()
+
+    @event.listens_for(engine.sync_engine, "close")
+    def _on_close(_dbapi_connection: Any, record: Any) -> None:
+        checkpointer = record.info.pop("checkpointer", None)
+        if checkpointer is not None:
+            checkpointer.stop()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
