@@ -74,6 +74,10 @@ LAG_BUDGET_SECONDS = 60.0
 BEHIND_GIVE_WAY_FACTOR = 2.0
 # The longest pause, so that one slow batch (a database hiccup) cannot stall processing.
 MAX_GIVE_WAY_SECONDS = 0.5
+# Settings read for a batch serve the batches of the next second: on SQLite a read is a
+# transaction's worth of round trips to aiosqlite's thread while the inbox waits for the
+# connection. A change saved on this instance applies at once (SettingsStore.load_recent).
+SETTINGS_MAX_AGE_SECONDS = 1.0
 
 DELIVERIES = WebhookDelivery.__table__
 TRACKED = TrackedEvent.__table__
@@ -226,7 +230,7 @@ class InboundProcessor:
         return claimed
 
     async def _process(self, deliveries: list[_Delivery], summary: ProcessSummary) -> None:
-        settings = await self._settings.load()
+        settings = await self._settings.load_recent(SETTINGS_MAX_AGE_SECONDS)
         allowed = set(settings.incoming_metrics) if settings.incoming_metrics is not None else None
         events = [d for d in deliveries if _map(d, allowed)]
         try:
