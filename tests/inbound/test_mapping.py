@@ -4,12 +4,16 @@ import dataclasses
 import json
 import math
 from datetime import UTC, datetime
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connector.inbound.mapping import (
+    _EMAIL_ADDRESS,
     Identity,
     InboundEvent,
     InvalidWebhook,
@@ -549,6 +553,17 @@ def test_parse_timestamp_is_utc():
 )
 def test_parse_email(value, expected):
     assert parse_email(value) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(_EMAIL_ADDRESS, fullmatch=True))
+def test_parse_email_takes_a_bare_address_as_parseaddr_does(text):
+    # parse_email skips parseaddr for text that is a bare address: parseaddr would give it
+    # back unchanged.
+    assert parseaddr(text)[1] == text
+    if len(text) <= 254 and len(text.split("@")[0]) <= 64:
+        local, domain = text.split("@")
+        assert parse_email(text) == f"{local}@{domain.lower()}"
 
 
 @pytest.mark.parametrize(
