@@ -831,12 +831,12 @@ def print_paired(title: str, name: str, loaded: Paired, target: bool) -> None:
     """The bare handler and the service in turns: each one's figures, their ratio (of the
     totals: both saw the same stretches of this machine's drift) and its spread by round."""
     seconds = loaded.service.seconds / max(len(loaded.rounds), 1)
-    print(f"{title} ({len(loaded.rounds)} rounds of {seconds:.0f} s each, in turns)")
+    print(f"{title}, processing on ({len(loaded.rounds)} rounds of {seconds:.0f} s each, in turns)")
     if loaded.bare is not None:
         print(_row("bare aiohttp handler", _rate_line(loaded.bare)))
         if loaded.bare.errors:
             print(_row("bare handler errors", _errors(loaded.bare)))
-    print(_row(f"{name}, processing on", _rate_line(loaded.service)))
+    print(_row(name, _rate_line(loaded.service)))
     print(_row("errors", _errors(loaded.service)))
     if loaded.service.repeated:
         print(
