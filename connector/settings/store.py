@@ -26,8 +26,11 @@ class SettingsStore:
         self._recent: tuple[float, ConnectorSettings] | None = None
 
     async def load(self) -> ConnectorSettings:
+        started = self._clock()
         settings = from_dict(await self._store.get(SETTINGS_KEY, {}))
-        self._recent = (self._clock(), settings)
+        # A read that began before a save on this instance must not replace what it saved.
+        if self._recent is None or started >= self._recent[0]:
+            self._recent = (started, settings)
         return settings
 
     async def load_recent(self, max_age: float) -> ConnectorSettings:
